@@ -1,0 +1,32 @@
+# The two commands a new user types: `make demo` and `make test`. Each creates the virtualenv on first use.
+#
+# On a GPU cluster keep your own CUDA torch:  make setup VENV_FLAGS=--system-site-packages TORCH_PIN=
+PYTHON ?= python3.11
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_PIN ?= torch==2.13.0
+PY := $(VENV)/bin/python
+# DeepSpeed JIT-compiles its CPU ops on first use; keep the build inside the project (ignored by git).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels on a CPU box.
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_PIN),$(PY) -m pip install --quiet $(TORCH_PIN))
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) launch/demo.py
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache

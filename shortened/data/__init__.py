@@ -1,0 +1,1 @@
+"""Token shards: offline preparation, the shard format, and the deterministic resumable loader."""

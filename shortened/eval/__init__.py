@@ -1,0 +1,1 @@
+"""Checkpoint evaluation: lm-eval zero-shot tasks, perplexity, validation loss, curves over tokens."""

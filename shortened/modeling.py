@@ -1,0 +1,112 @@
+"""Model geometry helpers: the tiny Llama used by tests and the demo, Vicuna-7B's shape, parameter and FLOP counts.
+
+Models are plain Hugging Face `transformers` Llama models; nothing here forks the architecture.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+LLAMA_VOCAB_SIZE = 32_000  # the LLaMA / Vicuna SentencePiece vocabulary
+
+
+def tiny_llama_config(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    intermediate_size: int = 176,
+    num_heads: int = 4,
+    num_kv_heads: int = 4,
+    vocab_size: int = LLAMA_VOCAB_SIZE,
+    max_position_embeddings: int = 2048,
+) -> LlamaConfig:
+    """A Llama config with the real 32k vocabulary and a few narrow layers: runs in milliseconds on CPU."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_llama(seed: int = 0, **config_kwargs) -> LlamaForCausalLM:
+    """A freshly initialised tiny Llama; the same seed gives the same weights."""
+    config = tiny_llama_config(**config_kwargs)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)  # building a test model must not disturb the caller's RNG
+    return model.eval()
+
+
+def vicuna_7b_config(num_layers: int = 32) -> LlamaConfig:
+    """Vicuna-7B-v1.3 geometry (LLaMA-7B), optionally with fewer blocks (the pruned 5.5B/3.7B/2.7B/1.5B)."""
+    return LlamaConfig(
+        vocab_size=LLAMA_VOCAB_SIZE,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=num_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def block_param_count(config: LlamaConfig) -> int:
+    """Parameters of one decoder block: attention, MLP and the two RMSNorm weights."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    h = config.hidden_size
+    q_out = config.num_attention_heads * head_dim
+    kv_out = config.num_key_value_heads * head_dim
+    attention = h * q_out + 2 * h * kv_out + q_out * h
+    if getattr(config, "attention_bias", False):
+        attention += q_out + 2 * kv_out + h
+    mlp = 3 * h * config.intermediate_size
+    return attention + mlp + 2 * h
+
+
+def non_block_param_count(config: LlamaConfig) -> int:
+    """Embedding, final norm and LM head (counted once when tied)."""
+    embed = config.vocab_size * config.hidden_size
+    head = 0 if config.tie_word_embeddings else embed
+    return embed + head + config.hidden_size
+
+
+def param_count(config: LlamaConfig) -> int:
+    return non_block_param_count(config) + config.num_hidden_layers * block_param_count(config)
+
+
+def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token (forward + backward), the PaLM/Megatron MFU convention.
+
+    6 * N for the matrix multiplies of every parameter that multiplies an activation (the embedding lookup
+    does not), plus 6 * layers * seq_len * hidden for attention scores and values (causal masking is not
+    discounted, as in PaLM's appendix B). Activation recomputation is not counted: MFU, not HFU.
+    """
+    matmul_params = param_count(config) - config.vocab_size * config.hidden_size
+    attention = 6 * config.num_hidden_layers * seq_len * config.hidden_size
+    return 6 * matmul_params + attention
+
+
+def save_with_tokenizer(model: torch.nn.Module, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
+    """`save_pretrained` (safetensors) plus the SentencePiece `tokenizer.model` beside it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    shutil.copyfile(tokenizer_file, out / "tokenizer.model")
+    return out

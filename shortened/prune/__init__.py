@@ -1,0 +1,1 @@
+"""Depth pruning: block-importance criteria, one-shot removal of whole blocks, LoRA retraining."""

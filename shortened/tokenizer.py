@@ -1,0 +1,112 @@
+"""The tokenizer every part of the system encodes with: exact SentencePiece ids for LLaMA / Vicuna.
+
+Vicuna was trained on SentencePiece's ids. The Hugging Face fast tokenizer built from the same
+`tokenizer.model` differs on real text (a double space becomes `▁▁` instead of `▁`,`▁I`: 475 of the 1,775
+documents of the shared SlimPajama sample) and is also slower here (1.8 vs 2.8 MB/s on one core), so a
+`tokenizer.model` is always encoded by SentencePiece itself. A directory with only `tokenizer.json`
+(LLaMA-3 style models) is encoded by the `tokenizers` library, which is that model's reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+
+class TokenizerNotFound(FileNotFoundError):
+    """No usable tokenizer at the given path; the message says what was looked for."""
+
+
+class Tokenizer:
+    """Encode text to ids without special tokens; `bos_id`/`eos_id` are added by the caller."""
+
+    def __init__(self, path: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+        self.path = path
+        self.vocab_size = vocab_size
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.sha256 = file_sha256(path)
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file: Path) -> None:
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        super().__init__(model_file, self._sp.vocab_size(), self._sp.bos_id(), self._sp.eos_id())
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # One thread: data prep parallelises over processes, and threads would fight them for cores.
+        return self._sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+
+class HFJsonTokenizer(Tokenizer):
+    def __init__(self, json_file: Path) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tok = RustTokenizer.from_file(str(json_file))
+        bos, eos = _special_ids(json_file.parent, self._tok)
+        super().__init__(json_file, self._tok.get_vocab_size(with_added_tokens=True), bos, eos)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizer.model` file, or a directory holding `tokenizer.model` (preferred) or `tokenizer.json`."""
+    path = Path(path)
+    if path.is_file():
+        return HFJsonTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+    if path.is_dir():
+        if (path / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(path / "tokenizer.model")
+        if (path / "tokenizer.json").is_file():
+            return HFJsonTokenizer(path / "tokenizer.json")
+        raise TokenizerNotFound(f"{path}: directory has neither tokenizer.model nor tokenizer.json")
+    raise TokenizerNotFound(f"{path}: no such tokenizer file or directory")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _special_ids(directory: Path, tok) -> tuple[int, int]:
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+    def token_id(name: str) -> int:
+        token = config.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        token_id = tok.token_to_id(token) if token else None
+        if token_id is None:
+            raise TokenizerNotFound(f"{directory}: tokenizer_config.json names no usable {name}")
+        return token_id
+
+    return token_id("bos_token"), token_id("eos_token")
