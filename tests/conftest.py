@@ -37,3 +37,11 @@ def tokenizer_model() -> Path:
 def slimpajama_sample() -> Path:
     assert SLIMPAJAMA_SAMPLE.is_dir(), f"missing {SLIMPAJAMA_SAMPLE}"
     return SLIMPAJAMA_SAMPLE
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: this checkout first on PYTHONPATH, offline, extensions kept in the repo."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
