@@ -28,6 +28,8 @@ class PrepStats:
         self.bytes_total += int(doc_bytes.sum())
         for index, name in enumerate(source_names):
             mine = doc_source == index
+            if not mine.any():
+                continue  # a source seen only in documents cut off by --max-tokens
             entry = self.sources.setdefault(name, {"docs": 0, "tokens": 0, "bytes": 0})
             entry["docs"] += int(mine.sum())
             entry["tokens"] += int(doc_lens[mine].sum())
@@ -45,6 +47,7 @@ class PrepStats:
     def add_filtered(self, filtered: dict[str, int]) -> None:
         for name, count in filtered.items():
             self.filtered[name] = self.filtered.get(name, 0) + count
+        self.filtered = dict(sorted(self.filtered.items()))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -58,7 +58,8 @@ class PrepareConfig:
     strict: bool = False
     shard_tokens: int = 1 << 27  # about 256 MiB of uint16 tokens per shard
     unit_bytes: int = 0  # decompressed bytes per work unit (0: chosen from the corpus size and workers)
-    progress: bool = True
+    progress: bool = True  # the live progress bar
+    verbose: bool = True  # resume notes and the final summary
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -108,6 +109,10 @@ def prepare_shards(config: PrepareConfig) -> dict:
     units = plan_units(files, state.unit_bytes)
     for stale in list(output.glob("*.tmp")) + list(work.glob("*.tmp*")):
         stale.unlink()  # half-written shards or unit results of a killed run
+    kept_units = len(list(work.glob("unit_*.npz")))
+    if state.shards or kept_units:
+        _say(config, f"resuming: {len(state.shards)} shard(s) finished, packing from unit {state.next_unit} of "
+                     f"{len(units)}, {kept_units} tokenized unit(s) kept")
 
     started = time.time()
     packer = _Packer(config, output, work, state, tokenizer.sha256, token_dtype(tokenizer.vocab_size))
@@ -346,5 +351,5 @@ def _shard_summary(manifest: dict, output: Path) -> str:
 
 
 def _say(config: PrepareConfig, text: str) -> None:
-    if config.progress:
+    if config.verbose:
         print(text, flush=True)
