@@ -20,7 +20,10 @@ from shortened.tokenizer import TokenizerNotFound  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True,
-                        help="SlimPajama tree (chunkN/*.jsonl.zst), a folder of .jsonl/.jsonl.zst, or one file")
+                        help="SlimPajama tree (chunkN/*.jsonl.zst), a folder of .jsonl/.jsonl.zst, one file, or "
+                             "hf://DATASET_ID to stream a Hugging Face dataset (e.g. hf://cerebras/SlimPajama-627B)")
+    parser.add_argument("--hf-data-files", nargs="*", default=None,
+                        help="data files for an hf:// builder input such as hf://json")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.model, or a model directory holding it")
     parser.add_argument("--output", required=True, help="output directory for manifest.json and shards")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -38,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
         input=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len, workers=args.workers,
         split=args.split, sources=args.sources.split(",") if args.sources else None, max_tokens=args.max_tokens,
         strict=args.strict, shard_tokens=args.shard_tokens, unit_bytes=args.unit_bytes,
+        hf_data_files=args.hf_data_files,
         progress=not args.no_progress,
     )
 

@@ -160,3 +160,17 @@ def test_other_settings_on_a_finished_output_are_refused(tmp_path, slimpajama_sa
 
     with pytest.raises(ConfigError, match="other inputs or settings"):
         prepare_shards(PrepareConfig(seq_len=512, **base))
+
+
+def test_hf_streaming_input_gives_the_same_shards(tmp_path, sample_shards, slimpajama_sample, tokenizer_model):
+    # The hub cannot be reached here: the same `datasets` streaming path runs its json builder on local files.
+    files = [str(p) for p in sorted((slimpajama_sample / "train").rglob("*.jsonl.zst"))]
+    out = tmp_path / "hf"
+    manifest = prepare_shards(PrepareConfig(
+        input="hf://json", hf_data_files=files, split="train", tokenizer=str(tokenizer_model), output=str(out),
+        seq_len=2048, workers=2, progress=False, verbose=False))
+    offline = json.loads((sample_shards / "manifest.json").read_text())
+    assert len(manifest["inputs"]) == len(files)  # one work unit per streamed shard (file)
+    for key in ("num_sequences", "tokens_total", "tokens_dropped", "docs_total", "sources", "bad"):
+        assert manifest[key] == offline[key], key
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in offline["shards"]]

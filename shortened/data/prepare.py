@@ -32,7 +32,7 @@ from shortened.data.shards import (
     file_sha256,
     token_dtype,
 )
-from shortened.data.sources import InputFile, WorkUnit, auto_unit_bytes, discover_inputs, plan_units
+from shortened.data.sources import InputFile, WorkUnit, auto_unit_bytes, discover, plan_units
 from shortened.data.tokenize_worker import UnitResult, UnitTask, init_worker, load_unit_result, tokenize_unit
 from shortened.tokenizer import load_tokenizer
 
@@ -58,6 +58,7 @@ class PrepareConfig:
     strict: bool = False
     shard_tokens: int = 1 << 27  # about 256 MiB of uint16 tokens per shard
     unit_bytes: int = 0  # decompressed bytes per work unit (0: chosen from the corpus size and workers)
+    hf_data_files: list[str] | None = None  # with an hf:// input naming a builder such as json
     progress: bool = True  # the live progress bar
     verbose: bool = True  # resume notes and the final summary
 
@@ -91,7 +92,7 @@ class PackState:
 def prepare_shards(config: PrepareConfig) -> dict:
     """Run (or resume, or recognise as done) one preparation; returns the manifest."""
     tokenizer = load_tokenizer(config.tokenizer)
-    files = discover_inputs(config.input, config.split)
+    files = discover(config.input, config.split, config.hf_data_files)
     output = Path(config.output)
     work = output / WORK_DIR
     fingerprint = _fingerprint(config, files, tokenizer.sha256)
@@ -116,11 +117,12 @@ def prepare_shards(config: PrepareConfig) -> dict:
 
     started = time.time()
     packer = _Packer(config, output, work, state, tokenizer.sha256, token_dtype(tokenizer.vocab_size))
-    total_bytes = sum(f.size_hint for f in files)
-    with _UnitResults(config, files, units, work, state.next_unit) as results, _progress(config, total_bytes) as bar:
+    sizes_known = all(f.size_hint for f in files)  # a streamed dataset has no sizes: count its shards instead
+    total = sum(f.size_hint for f in files) if sizes_known else len(units)
+    with _UnitResults(config, files, units, work, state.next_unit) as results, _progress(config, total, sizes_known) as bar:
         for unit, result in results:
             packer.consume(unit, files[unit.file_index], result)
-            bar.update(_unit_bytes(unit, files[unit.file_index]))
+            bar.update(_unit_bytes(unit, files[unit.file_index]) if sizes_known else 1)
             bar.set_postfix_str(packer.rate_text(time.time() - started), refresh=False)
             if packer.finished:
                 break
@@ -291,7 +293,7 @@ def _fingerprint(config: PrepareConfig, files: list[InputFile], tokenizer_sha256
         "max_tokens": config.max_tokens,
         "shard_tokens": config.shard_tokens,
         "strict": config.strict,
-        "inputs": [(f.name, os.path.getsize(f.path)) for f in files],
+        "inputs": [(f.name, f.size_hint if f.dataset else os.path.getsize(f.path)) for f in files],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -339,9 +341,9 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _progress(config: PrepareConfig, total_bytes: int) -> tqdm:
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not config.progress,
-                smoothing=0.1, dynamic_ncols=True)
+def _progress(config: PrepareConfig, total: int, in_bytes: bool) -> tqdm:
+    return tqdm(total=total, unit="B" if in_bytes else " shards", unit_scale=in_bytes, desc="tokenizing",
+                disable=not config.progress, smoothing=0.1, dynamic_ncols=True)
 
 
 def _shard_summary(manifest: dict, output: Path) -> str:

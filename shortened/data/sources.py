@@ -29,10 +29,10 @@ MISSING_TEXT = "missing_text"
 NON_STRING_TEXT = "non_string_text"
 EMPTY_TEXT = "empty_text"
 INVALID_UTF8 = "invalid_utf8"
-BAD_REASONS = (CORRUPT_ZST, LFS_POINTER, EMPTY_FILE, BLANK_LINE, MALFORMED_JSON, MISSING_TEXT, NON_STRING_TEXT,
-               EMPTY_TEXT, INVALID_UTF8)
+DATASET_ERROR = "dataset_error"  # the `datasets` reader failed inside a shard; the rest of that shard is lost
 UNKNOWN_SOURCE = "unknown"
 KNOWN_SPLITS = ("train", "validation", "test")
+HF_PREFIX = "hf://"  # an input of hf://cerebras/SlimPajama-627B streams a Hugging Face dataset
 
 
 class InputError(ValueError):
@@ -44,10 +44,29 @@ class CorruptStream(Exception):
 
 
 @dataclass(frozen=True)
+class HFDataset:
+    """A Hugging Face dataset read with `datasets` streaming: a hub id, or a builder such as "json" with files."""
+
+    path: str
+    split: str = "train"
+    name: str | None = None
+    data_files: tuple[str, ...] | None = None
+
+    def load(self):
+        from datasets import load_dataset
+
+        files = list(self.data_files) if self.data_files else None
+        return load_dataset(self.path, self.name, split=self.split, data_files=files, streaming=True)
+
+
+@dataclass(frozen=True)
 class InputFile:
-    path: str  # absolute path
+    path: str  # absolute path (for a dataset shard: a readable label)
     name: str  # path relative to the input root, used in reports and the manifest
     size_hint: int  # decompressed bytes if the zstd header says so, else the file size: for planning only
+    dataset: HFDataset | None = None  # set for one shard of a streamed Hugging Face dataset
+    shard: int = 0
+    num_shards: int = 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,15 @@ class UnitReadLog:
     filtered: dict[str, int] = field(default_factory=dict)  # documents skipped by --sources, per source
 
 
+def discover(input: str, split: str | None = None, hf_data_files: list[str] | tuple[str, ...] | None = None
+             ) -> list[InputFile]:
+    """The inputs named by a command line's --input: a local tree or file, or hf://DATASET (+ data files)."""
+    if not input.startswith(HF_PREFIX):
+        return discover_inputs(input, split)
+    files = tuple(hf_data_files) if hf_data_files else None
+    return discover_dataset_shards(HFDataset(input[len(HF_PREFIX):], split or "train", None, files))
+
+
 def discover_inputs(root: str | Path, split: str | None = None) -> list[InputFile]:
     """Every `*.jsonl.zst`, `*.zst` and `*.jsonl` file under `root` (or `root/split`), in sorted path order."""
     root = Path(root)
@@ -97,6 +125,13 @@ def discover_inputs(root: str | Path, split: str | None = None) -> list[InputFil
         raise InputError(f"{base}: no .jsonl or .jsonl.zst files found")
     return [InputFile(str(p.resolve()), p.relative_to(base).as_posix() if p != base else p.name, _size_hint(p))
             for p in paths]
+
+
+def discover_dataset_shards(dataset: HFDataset) -> list[InputFile]:
+    """One input per shard (file) of a streamed dataset: the unit of parallel work, in the dataset's order."""
+    count = dataset.load().num_shards
+    label = f"{dataset.path}:{dataset.split}"
+    return [InputFile(f"{label}[{k}/{count}]", f"{label}/shard_{k:05d}", 0, dataset, k, count) for k in range(count)]
 
 
 def plan_units(files: list[InputFile], unit_bytes: int) -> list[WorkUnit]:
@@ -126,6 +161,22 @@ def read_unit(f: InputFile, unit: WorkUnit, log: UnitReadLog, sources: frozenset
         log.bad.append(BadLine(line, reason, docs))
         return strict  # strict: the caller stops at the first bad line
 
+    def keep(doc: Document) -> bool:
+        if sources is not None and doc.source not in sources:
+            log.filtered[doc.source] = log.filtered.get(doc.source, 0) + 1
+            return False
+        return True
+
+    if f.dataset is not None:
+        for line_no, (doc, reason) in _dataset_records(f):
+            if reason is not None:
+                if reject(line_no, reason):
+                    return
+            elif keep(doc):
+                docs += 1
+                yield doc
+        return
+
     with open(f.path, "rb") as raw:
         head = raw.read(len(LFS_POINTER_PREFIX))
         raw.seek(0)
@@ -150,12 +201,9 @@ def read_unit(f: InputFile, unit: WorkUnit, log: UnitReadLog, sources: frozenset
                 if reason is not None:
                     if reject(line_no, reason):
                         return
-                    continue
-                if sources is not None and doc.source not in sources:
-                    log.filtered[doc.source] = log.filtered.get(doc.source, 0) + 1
-                    continue
-                docs += 1
-                yield doc
+                elif keep(doc):
+                    docs += 1
+                    yield doc
         except CorruptStream as err:
             # Reported by the unit that owns the damaged position, so it is counted exactly once per file.
             owner_start = err.args[0]
@@ -243,6 +291,16 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[tuple[int, int, bytes]]:
         yield pending_start, line_no, pending.getvalue()  # last line without a trailing newline
 
 
+def _dataset_records(f: InputFile) -> Iterator[tuple[int, tuple[Document | None, str | None]]]:
+    records = f.dataset.load().shard(num_shards=f.num_shards, index=f.shard)
+    line_no = 0
+    try:
+        for line_no, record in enumerate(records, start=1):
+            yield line_no, _check_record(record, could_hold_surrogates=True)
+    except Exception:  # noqa: BLE001 - any reader failure inside `datasets` loses the rest of this shard
+        yield line_no + 1, (None, DATASET_ERROR)
+
+
 def _parse(line: bytes) -> tuple[Document | None, str | None]:
     if not line.strip():
         return None, BLANK_LINE
@@ -254,6 +312,10 @@ def _parse(line: bytes) -> tuple[Document | None, str | None]:
         record = json.loads(text_line)
     except ValueError:
         return None, MALFORMED_JSON
+    return _check_record(record, could_hold_surrogates=b"\\ud" in line or b"\\uD" in line)
+
+
+def _check_record(record, could_hold_surrogates: bool) -> tuple[Document | None, str | None]:
     if not isinstance(record, dict) or "text" not in record:
         return None, MISSING_TEXT
     text = record["text"]
@@ -261,7 +323,7 @@ def _parse(line: bytes) -> tuple[Document | None, str | None]:
         return None, NON_STRING_TEXT
     if not text:
         return None, EMPTY_TEXT
-    if (b"\\ud" in line or b"\\uD" in line) and _has_surrogates(text):
+    if could_hold_surrogates and _has_surrogates(text):
         return None, INVALID_UTF8  # a \ud800-style escape: valid JSON, but not encodable text
     meta = record.get("meta")
     source = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
