@@ -36,9 +36,10 @@ class FeistelPermutation:
         bits = max(2, int(n - 1).bit_length())
         self.half_bits = (bits + 1) // 2
         self.half_mask = np.uint64((1 << self.half_bits) - 1)
-        base = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-        keys = _mix64(np.arange(_ROUNDS, dtype=np.uint64) + base + np.uint64(epoch) * np.uint64(0x9E3779B97F4A7C15))
-        self.keys = keys
+        with np.errstate(over="ignore"):  # wrapping 64-bit arithmetic is the point of the mixer
+            base = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+            epoch_key = np.array([epoch], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            self.keys = _mix64(np.arange(_ROUNDS, dtype=np.uint64) + base + epoch_key)
 
     def __call__(self, index: np.ndarray) -> np.ndarray:
         """Permuted values of `index` (an int array within [0, n))."""
