@@ -29,9 +29,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    init_from: str = ""  # Hugging Face model directory (or hub id, resolved offline) to continue pretraining
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    activation_checkpointing: bool = False
+    init_from: str = ""  # Hugging Face Llama-family model directory (or hub id, resolved offline) to continue
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
@@ -50,16 +49,16 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = 512  # sequences per optimizer step, over all ranks
+    global_batch_size: int = 512  # sequences per optimizer step, over all ranks; the same on any world size
     micro_batch_size: int = 2  # sequences per rank per forward/backward
-    max_tokens: int = 0  # token budget; the run stops when it is reached (0: use max_steps alone)
-    max_steps: int = 0  # optimizer steps; 0: derived from max_tokens
-    seed: int = 1234
-    precision: Literal["bf16", "fp32"] = "bf16"
-    zero_stage: Literal[0, 1, 2] = 2
-    grad_clip: float = 1.0  # global gradient-norm clipping, the LLaMA pretraining default
-    nan_policy: Literal["stop", "skip"] = "stop"
-    dist_timeout_s: int = 600  # a lost rank ends the job after this long instead of hanging it
+    max_tokens: int = 0  # token budget: the schedule's horizon and where the run stops (0: max_steps alone)
+    max_steps: int = 0  # stop after this many optimizer steps (0: at the token budget); never changes the schedule
+    seed: int = 1234  # model-side RNG (dropout, if any); the data order has its own data.seed
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights/activations, fp32 master weights and gradients
+    grad_clip: float = 1.0  # global gradient-norm clipping (0 disables), the LLaMA pretraining default
+    nan_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips that step's update
+    max_consecutive_skips: int = 10  # with nan_policy=skip: this many non-finite steps in a row stop the run
+    dist_timeout_s: int = 600  # a lost or stuck rank ends the job after this long instead of hanging it
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
@@ -72,6 +71,7 @@ class TrainConfig:
         _require(self.max_tokens >= 0 and self.max_steps >= 0, "train.max_tokens", "budgets must be >= 0")
         _require(self.max_tokens > 0 or self.max_steps > 0, "train.max_tokens", "set max_tokens or max_steps")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.max_consecutive_skips > 0, "train.max_consecutive_skips", "must be positive")
         _require(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
 
     def grad_accum_steps(self, world_size: int) -> int:
@@ -88,17 +88,18 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate (AdamW)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.1
-    schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    weight_decay: float = 0.1  # decoupled; not applied to norm weights and biases
+    schedule: Literal["constant", "cosine"] = "cosine"  # after the linear warmup
+    warmup_steps: int = 1000  # linear warmup from lr/warmup_steps: Adam's moment estimates start at zero
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr, reached at the token budget
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "must be positive")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "each beta must lie in [0, 1)")
+        _require(self.eps > 0, "optim.eps", "must be positive")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
@@ -106,9 +107,10 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500
+    every_steps: int = 500  # also saved at the end and on SIGTERM / SIGUSR1
     keep_last: int = 2  # complete checkpoints kept; an older one is deleted only after a newer one completes
     save_hf: bool = True  # also write an HF model (model/) so evaluation needs no DeepSpeed
+    on_world_size_change: Literal["convert", "refuse"] = "convert"  # convert: to DeepSpeed's universal format
 
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, "checkpoint.every_steps", "must be positive")
@@ -139,14 +141,23 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 1
+    every_steps: int = 1  # console and TensorBoard interval; train_log.jsonl always has every step
     tensorboard: bool = True
+    peak_tflops: float = 0.0  # per-device dense bf16 peak for MFU; 0: known GPUs are looked up, else no MFU
+    sample_ids: bool = False  # record each step's global sample indices in train_log.jsonl (audits the data order)
+    sync_timers: bool = False  # synchronise the device around phases so forward/backward/optimizer times are exact
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps > 0, "log.every_steps", "must be positive")
+        _require(self.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
 
 
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
-    resume: str = "auto"  # auto | never | path of a checkpoint directory
+    resume: str = "auto"  # auto: newest complete checkpoint of run_dir, if any | never | a checkpoint directory
+    # DeepSpeed engine tuning (ZeRO stage, buckets, overlap); batch sizes, precision, clipping and the optimizer
+    # are derived from this config, and the file may not disagree with them
     deepspeed_config: str = "ds_configs/zero2_bf16.json"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

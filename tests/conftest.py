@@ -93,3 +93,24 @@ def sample_shards(tmp_path_factory, slimpajama_sample, tokenizer_model) -> Path:
                                  output=str(out), seq_len=2048, workers=2, progress=False,
                                  verbose=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def train_shards_64(tmp_path_factory, slimpajama_sample, tokenizer_model) -> Path:
+    """The shared train sample as 64-token sequences (~21k samples) for trainer tests, prepared once."""
+    from shortened.data.prepare import PrepareConfig, prepare_shards
+
+    out = tmp_path_factory.mktemp("train_shards_64")
+    prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="train", tokenizer=str(tokenizer_model),
+                                 output=str(out), seq_len=64, workers=2, progress=False, verbose=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_init_model(tmp_path_factory, tokenizer_model) -> Path:
+    """A saved 2-layer, hidden-64 Llama (real 32k vocabulary) with tokenizer.model: the trainer's model.init_from."""
+    from shortened.modeling import build_tiny_llama, save_with_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_init_model")
+    save_with_tokenizer(build_tiny_llama(seed=0, num_layers=2), out, tokenizer_model)
+    return out

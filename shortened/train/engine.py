@@ -1,0 +1,95 @@
+"""The model, its optimizer groups, the learning-rate schedule, and the DeepSpeed engine around them."""
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from shortened.config import ConfigError, ModelConfig, OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(init_from: str) -> Path:
+    """A local directory for `model.init_from`: the path itself, or a hub id already in the local cache."""
+    if not init_from:
+        raise ConfigError("model.init_from: must name a Hugging Face model directory (or a cached hub id)")
+    path = Path(init_from)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(init_from, local_files_only=True))
+    except Exception as err:  # huggingface_hub raises several types for "not cached" / "bad id"
+        raise ConfigError(f"model.init_from={init_from}: neither a directory nor a hub id in the local cache "
+                          f"({type(err).__name__}); download it first, e.g. `huggingface-cli download {init_from}`") from None
+
+
+def hf_config_dict(model_dir: Path) -> dict[str, Any]:
+    return AutoConfig.from_pretrained(model_dir).to_dict()
+
+
+def load_model(config: ModelConfig, model_dir: Path, precision: str, seq_len: int) -> PreTrainedModel:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=config.attn_implementation)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and seq_len > max_positions:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_positions} "
+                          f"({model_dir}/config.json)")
+    model.config.use_cache = False  # no KV cache in training; it would only hold memory
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (projections, embeddings, LM head); none on norm weights and biases."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Multiplier of optim.lr for the update after `step` completed optimizer steps.
+
+    Linear warmup to the peak over `warmup_steps` updates (the first update uses lr / warmup_steps), then
+    constant, or a cosine from the peak to `min_lr_ratio` x peak reached at `total_steps` and held after.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler_factory(optim: OptimConfig, total_steps: int):
+    """A callable DeepSpeed turns into the scheduler once it has built the optimizer.
+
+    The multiplier is a `partial` of a pure function, so LambdaLR's saved state is only the step count: the
+    schedule on resume comes from the current config (a longer token budget stretches the cosine).
+    """
+    factor = partial(lr_factor, warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule,
+                     min_lr_ratio=optim.min_lr_ratio)
+    return lambda optimizer: LambdaLR(optimizer, factor)
+
+
+def build_engine(model: PreTrainedModel, ds_config: dict[str, Any], optim: OptimConfig, total_steps: int):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=build_scheduler_factory(optim, total_steps),
+    )
+    return engine

@@ -1,0 +1,68 @@
+"""A complete checkpoint as a Hugging Face model (safetensors + tokenizer) with the training weights' logits.
+
+The weights come from the fp32 master copy in the ZeRO optimizer shards (not from the optional `model/` copy),
+cast to the training dtype: bf16 training runs its forward pass on exactly that rounding of the master
+weights, so the exported model reproduces the trained model's logits bit for bit. No model is instantiated,
+so exporting a 7B checkpoint needs memory for its weights only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from shortened.train.checkpoint import (DEEPSPEED_TAG, MODEL_CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError,
+                                        marker_problem)
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def master_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights, gathered from every rank's ZeRO-1/2 shard (no process group needed)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Write `out` as an HF model; `dtype` defaults to the precision the checkpoint was trained in."""
+    path = Path(checkpoint)
+    problem = marker_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: not a complete checkpoint ({problem}); only complete ones are exported")
+    dtype = dtype or json.loads((path / STATE_FILE).read_text())["precision"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    config_dict = json.loads((path / MODEL_CONFIG_FILE).read_text())
+    hf_config = AutoConfig.for_model(**config_dict)
+    weights = {name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in master_weights(path).items()}
+    _check_names(weights, hf_config, path)
+    hf_config.dtype = DTYPES[dtype]
+    hf_config.use_cache = True  # training turned the KV cache off; generation wants it
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(out)
+    save_torch_state_dict(weights, out, max_shard_size="5GB")
+    tokenizer = path / TOKENIZER_FILE
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    else:
+        log.warning("%s has no %s: the export has no tokenizer", path, TOKENIZER_FILE)
+    return out
+
+
+def _check_names(weights: dict[str, torch.Tensor], hf_config, path: Path) -> None:
+    with torch.device("meta"):  # shapes and names only; allocates nothing
+        reference = AutoModelForCausalLM.from_config(hf_config).state_dict()
+    missing = sorted(set(reference) - set(weights))
+    unexpected = sorted(set(weights) - set(reference))
+    wrong = [name for name in set(reference) & set(weights) if reference[name].shape != weights[name].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{path}: the checkpoint's weights do not fit its {hf_config.model_type} config: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")

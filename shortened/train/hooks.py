@@ -1,0 +1,52 @@
+"""The seam for work that runs inside the training loop without being part of it (inline evaluation).
+
+A hook is any object with either or both methods
+
+    after_step(ctx: StepContext)        every optimizer step, once the step's line is logged
+    after_checkpoint(ctx: StepContext)  after a checkpoint is complete (its complete.json exists), ctx.checkpoint set
+
+They are called on every rank at the same point, so a hook may use collectives (shard work over ranks).
+`ctx.model` is the Hugging Face model the engine trains, whole on every rank under ZeRO-1/2. The loop runs
+each hook with every RNG state saved and restored and puts the model back in train mode afterwards, so a hook
+cannot change the training trajectory: a run with hooks has the same loss trace as one without.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from shortened.train.rng import preserved_rng
+
+
+@dataclass(frozen=True)
+class StepContext:
+    step: int  # optimizer steps done
+    tokens: int  # tokens consumed so far (all ranks)
+    step_tokens: int  # tokens per optimizer step
+    consumed_samples: int
+    loss: float  # this step's mean loss over all ranks
+    model: torch.nn.Module
+    run_dir: Path
+    rank: int
+    world_size: int
+    checkpoint: Path | None = None
+
+
+class TrainerHook(Protocol):
+    def after_step(self, ctx: StepContext) -> None: ...
+
+    def after_checkpoint(self, ctx: StepContext) -> None: ...
+
+
+def call_hooks(hooks: Sequence[object], method: str, ctx: StepContext) -> None:
+    for hook in hooks:
+        fn = getattr(hook, method, None)
+        if fn is None:
+            continue
+        was_training = ctx.model.training
+        with preserved_rng():
+            fn(ctx)
+        ctx.model.train(was_training)

@@ -1,0 +1,227 @@
+"""The training loop: micro-batches in the global data order, one optimizer step per global batch, checkpoints
+every N steps, at the end and on preemption, and one log line per step.
+
+`train(config, hooks)` is the whole job on one rank; every rank runs it (see launch/cpt.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+from shortened.config import RunConfig, TrainConfig, to_dict
+from shortened.data.loader import build_train_loader
+from shortened.modeling import train_flops_per_token
+from shortened.train import checkpoint as ckpt
+from shortened.train.distributed import DistEnv, all_gather_ints, all_reduce_sum, setup_distributed, shutdown
+from shortened.train.ds_config import build_deepspeed_config
+from shortened.train.engine import build_engine, load_model
+from shortened.train.failpoints import failpoint
+from shortened.train.hooks import StepContext, call_hooks
+from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
+from shortened.train.plan import RunPlan, plan_run, training_state, write_json
+from shortened.train.rng import load_rng_state, restore_rng_state, seed_everything
+from shortened.train.signals import StopRequest
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or the gradient) was NaN/inf and train.nan_policy says stop."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    tokens: int
+    reason: str  # "done" (budget or max_steps reached) or the name of the stop signal
+    checkpoint: Path | None
+
+
+def train(config: RunConfig, hooks: Sequence[object] = ()) -> TrainResult:
+    """Run (or resume) the job described by `config` on this rank; collective over all ranks."""
+    stop = StopRequest().install()  # before any DataLoader worker forks, see signals.py
+    env = setup_distributed(config.train.dist_timeout_s)
+    try:
+        plan = plan_run(config, env)
+        seed_everything(config.train.seed + env.rank)
+        engine = _build(config, env, plan)
+        if plan.checkpoint is not None:
+            _resume(engine, config, env, plan)
+        return _loop(engine, config, env, plan, hooks, stop)
+    finally:
+        shutdown()
+
+
+def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
+    model = load_model(config.model, plan.model_dir, config.train.precision, config.data.seq_len)
+    ds_config = build_deepspeed_config(config, env.world_size, on_cuda=env.device.type == "cuda",
+                                       load_universal=plan.universal)
+    if env.is_main:
+        write_json(ds_config, plan.run_dir / "deepspeed_config.json")
+    return build_engine(model, ds_config, config.optim, plan.budget.total_steps)
+
+
+def _resume(engine, config: RunConfig, env: DistEnv, plan: RunPlan) -> None:
+    load_dir, tag = ckpt.engine_load_location(plan.checkpoint, plan.universal)
+    loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise ckpt.CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}")
+    # The scheduler's saved base learning rate would override optim.lr; the config decides (docs/training.md).
+    engine.lr_scheduler.base_lrs = [config.optim.lr] * len(engine.lr_scheduler.base_lrs)
+    rng_file = plan.checkpoint.path / "rng" / f"rank_{env.rank:05d}.pt"
+    if rng_file.is_file():
+        restore_rng_state(load_rng_state(rng_file))
+    else:  # a rank the saving run did not have (more ranks now): a fresh, distinct, reproducible stream
+        log.warning("%s: no RNG state for rank %d; seeding it from train.seed, rank and step", plan.checkpoint.path,
+                    env.rank)
+        seed_everything(config.train.seed + env.rank + 1_000_003 * plan.start_step)
+
+
+def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequence[object],
+          stop: StopRequest) -> TrainResult:
+    train_cfg, budget = config.train, plan.budget
+    step, consumed = plan.start_step, plan.consumed_samples
+    seq_len = plan.identity["seq_len"]
+    if step >= budget.stop_step:
+        log.info("step %d already reaches the stop at step %d: nothing to train", step, budget.stop_step)
+        return TrainResult(step, consumed * seq_len, "done", plan.checkpoint.path if plan.checkpoint else None)
+
+    loader = build_train_loader(config.data.path, global_batch_size=train_cfg.global_batch_size,
+                                micro_batch_size=train_cfg.micro_batch_size, dp_rank=env.rank,
+                                dp_world_size=env.world_size, seed=config.data.seed, consumed_samples=consumed,
+                                num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda")
+    batches = iter(loader)
+    grad_accum = engine.gradient_accumulation_steps()
+    flops_per_token = train_flops_per_token(engine.module.config, seq_len)
+    peak = peak_flops(env.device, config.log.peak_tflops)
+    logger = None
+    if env.is_main:
+        logger = TrainLogger(plan.run_dir, start_step=step, start_tokens=consumed * seq_len,
+                             stop_tokens=budget.stop_step * budget.tokens_per_step, every_steps=config.log.every_steps,
+                             tensorboard=config.log.tensorboard)
+    config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
+    timer = PhaseTimer(env.device, config.log.sync_timers)
+    skips_in_a_row = 0
+    last_checkpoint = plan.checkpoint.path if plan.checkpoint else None
+    try:
+        while step < budget.stop_step:
+            lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
+            started = time.perf_counter()
+            losses, sample_ids = [], []
+            timer.start()
+            for _ in range(grad_accum):
+                batch = next(batches)
+                timer.stop("data_wait_s")
+                input_ids = batch["input_ids"].to(env.device, non_blocking=True)
+                loss = engine(input_ids=input_ids, labels=input_ids).loss
+                engine.backward(loss)
+                timer.stop("fwd_bwd_s")
+                engine.step()  # the optimizer step (clip, AdamW, schedule) happens on the last micro-batch
+                timer.stop("optim_s")
+                losses.append(loss.detach())
+                if config.log.sample_ids:
+                    sample_ids += batch["sample_index"].tolist()
+            # One collective per step carries the loss and whether any rank was asked to stop.
+            local_sum = torch.stack(losses).double().sum().item()
+            loss_sum, stop_votes = all_reduce_sum([local_sum, float(bool(stop))], env.device)
+            step_time = time.perf_counter() - started
+            step += 1
+            consumed += train_cfg.global_batch_size
+            mean_loss = loss_sum / (env.world_size * grad_accum)
+            applied = engine.was_step_applied()
+            record = _record(step, consumed, seq_len, mean_loss, lr, engine, applied, step_time, timer.pop(),
+                             budget.tokens_per_step, env, flops_per_token, peak)
+            if config.log.sample_ids:
+                record["sample_ids"] = all_gather_ints(sample_ids, env.device)
+            try:
+                skips_in_a_row = _check_finite(mean_loss, applied, step, train_cfg, skips_in_a_row, last_checkpoint)
+            except NonFiniteLoss:
+                if logger is not None:
+                    logger.log(record)
+                raise
+            stopping = stop_votes > 0
+            saved = None
+            if stopping or step % config.checkpoint.every_steps == 0 or step == budget.stop_step:
+                save_started = time.perf_counter()
+                state = training_state(config, plan, env.world_size, step, consumed, engine.zero_optimization_stage())
+                saved = ckpt.save(engine, env, plan.run_dir, state, config_yaml=config_yaml, hf_config=plan.hf_config,
+                                  tokenizer_file=plan.tokenizer_file, save_hf=config.checkpoint.save_hf,
+                                  keep_last=config.checkpoint.keep_last)
+                record["checkpoint_s"] = time.perf_counter() - save_started
+                last_checkpoint = saved
+            if logger is not None:
+                logger.log(record)
+            ctx = StepContext(step=step, tokens=consumed * seq_len, step_tokens=budget.tokens_per_step,
+                              consumed_samples=consumed, loss=mean_loss, model=engine.module, run_dir=plan.run_dir,
+                              rank=env.rank, world_size=env.world_size)
+            if saved is not None:
+                call_hooks(hooks, "after_checkpoint", dataclasses.replace(ctx, checkpoint=saved))
+            call_hooks(hooks, "after_step", ctx)
+            failpoint("loop.after_step", rank=env.rank, step=step)
+            if stopping:
+                reason = stop.signal_name or "signal on another rank"
+                _say(logger, f"stopped by {reason} at step {step}: checkpoint {saved} is complete; "
+                             "run the same command again to resume")
+                return TrainResult(step, consumed * seq_len, reason, saved)
+        _say(logger, f"done: step {step}, {consumed * seq_len:,} tokens, checkpoint {last_checkpoint}")
+        return TrainResult(step, consumed * seq_len, "done", last_checkpoint)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _check_finite(loss: float, applied: bool, step: int, train_cfg: TrainConfig, skips_in_a_row: int,
+                  last_checkpoint: Path | None) -> int:
+    """Consecutive skipped steps after this one; raises NonFiniteLoss when the policy says stop."""
+    if math.isfinite(loss) and applied:
+        return 0
+    what = f"loss {loss}" if not math.isfinite(loss) else "non-finite gradients"
+    resume_hint = f"the newest complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+    if train_cfg.nan_policy == "stop":
+        raise NonFiniteLoss(f"step {step}: {what}; the update was not applied and training stops "
+                            f"(train.nan_policy=stop). {resume_hint}; resume from it with a lower optim.lr, or "
+                            "set train.nan_policy=skip to skip such steps")
+    skips_in_a_row += 1
+    log.warning("step %d: %s, update skipped (%d in a row)", step, what, skips_in_a_row)
+    if skips_in_a_row >= train_cfg.max_consecutive_skips:
+        raise NonFiniteLoss(f"step {step}: {skips_in_a_row} non-finite steps in a row "
+                            f"(train.max_consecutive_skips={train_cfg.max_consecutive_skips}); {resume_hint}")
+    return skips_in_a_row
+
+
+def _record(step: int, consumed: int, seq_len: int, loss: float, lr: float, engine, applied: bool, step_time: float,
+            phases: dict[str, float], step_tokens: int, env: DistEnv, flops_per_token: float,
+            peak: float | None) -> dict[str, Any]:
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
+    tokens_per_s = step_tokens / step_time
+    return {
+        "step": step,
+        "tokens": consumed * seq_len,
+        "consumed_samples": consumed,
+        "loss": loss if math.isfinite(loss) else None,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "skipped": not applied,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": tokens_per_s / env.world_size,
+        "mfu": tokens_per_s * flops_per_token / (env.world_size * peak) if peak else None,
+        "step_time_s": step_time,
+        **{key: phases.get(key, 0.0) for key in ("data_wait_s", "fwd_bwd_s", "optim_s")},
+        "memory_gb": memory_gb(env.device),
+        "time": time.time(),
+    }
+
+
+def _say(logger: TrainLogger | None, text: str) -> None:
+    if logger is not None:  # rank 0 only; through tqdm so the progress bar is not torn
+        logger.message(text)

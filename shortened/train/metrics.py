@@ -1,0 +1,125 @@
+"""What users see: one JSON line per optimizer step, TensorBoard scalars, and a console progress bar with ETA.
+
+Throughput and MFU (docs/training.md): tokens/s = tokens per step / step time (forward, backward, optimizer
+and the data wait; checkpoint saves and hooks excluded), MFU = tokens/s x `train_flops_per_token` / (world
+size x peak dense bf16 FLOP/s of one device). Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from shortened.train.fsutil import atomic_write_bytes
+
+TRAIN_LOG = "train_log.jsonl"
+# Dense bf16 peak FLOP/s per device (no sparsity), by substring of torch.cuda.get_device_name().
+PEAK_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+              ("A10G", 125e12))
+TENSORBOARD_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "step_time_s",
+                    "data_wait_s", "memory_gb")
+
+
+def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak device memory since the last call on CUDA; resident memory of this process on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop lines of steps after `last_step`: a resumed run re-does them, and the log keeps one line per step."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash
+        if step <= last_step:
+            kept.append(line)
+    atomic_write_bytes("".join(kept).encode(), path)
+
+
+class TrainLogger:
+    def __init__(self, run_dir: Path, *, start_step: int, start_tokens: int, stop_tokens: int, every_steps: int,
+                 tensorboard: bool) -> None:
+        self.path = run_dir / TRAIN_LOG
+        truncate_log(self.path, start_step)
+        self.file = open(self.path, "a", buffering=1)
+        self.every_steps = every_steps
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events of steps a resumed run re-does, exactly like truncate_log.
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=stop_tokens, initial=start_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+                        mininterval=1 if tty else 30, desc="train", file=sys.stderr)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        self.bar.update(record["tokens"] - self.bar.n)
+        if step % self.every_steps == 0:
+            self.bar.set_postfix(step=step, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.3g}", refresh=False)
+            if self.writer is not None:
+                for key in TENSORBOARD_KEYS:
+                    if record.get(key) is not None:
+                        self.writer.add_scalar(f"train/{key}", record[key], step)
+                self.writer.add_scalar("train/tokens", record["tokens"], step)
+
+    def message(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class PhaseTimer:
+    """Wall time of the phases of one step; with `sync`, the device is synchronised so GPU work is counted."""
+
+    def __init__(self, device: torch.device, sync: bool) -> None:
+        self.sync = sync and device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self._start = 0.0
+
+    def start(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._start
+        self._start = now
+
+    def pop(self) -> dict[str, float]:
+        totals, self.totals = self.totals, {}
+        return totals

@@ -1,0 +1,163 @@
+"""Everything decided before the first step: the data and model identity, the checkpoint to resume, the run dir.
+
+Rank 0 decides and broadcasts the decision (or its error) to every rank, so all ranks act on one view of the
+file system and a bad config stops every rank at once with one message, never leaving the others waiting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+import yaml
+
+from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, to_dict
+from shortened.data.shards import read_manifest
+from shortened.tokenizer import TokenizerNotFound, load_tokenizer
+from shortened.train.checkpoint import (FORMAT_VERSION, Checkpoint, architecture, check_batch_position, check_compatible,
+                                        ensure_universal, resolve_resume)
+from shortened.train.distributed import DistEnv, broadcast_object
+from shortened.train.engine import hf_config_dict, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+class SetupError(RuntimeError):
+    """Rank 0 could not set the run up; other ranks raise this with rank 0's message."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    tokens_per_step: int
+    total_steps: int  # the schedule's horizon: the token budget in steps (or max_steps without one)
+    stop_step: int  # where this run stops: the budget, or max_steps if earlier
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_dir: Path
+    model_dir: Path
+    tokenizer_file: Path | None
+    hf_config: dict[str, Any]
+    identity: dict[str, Any]  # what a checkpoint must share with this run
+    checkpoint: Checkpoint | None
+    universal: bool  # the checkpoint's world size differs: load its universal form
+    start_step: int
+    consumed_samples: int
+    budget: Budget
+
+
+def plan_budget(train: TrainConfig, seq_len: int) -> Budget:
+    tokens_per_step = train.global_batch_size * seq_len
+    budget_steps = math.ceil(train.max_tokens / tokens_per_step) if train.max_tokens else 0
+    total = budget_steps or train.max_steps
+    stop = min(s for s in (budget_steps, train.max_steps) if s)
+    return Budget(tokens_per_step=tokens_per_step, total_steps=total, stop_step=stop)
+
+
+def on_rank0(env: DistEnv, decide: Callable[[], Any]) -> Any:
+    """`decide()` on rank 0, its result (or its error) on every rank."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = decide()
+        except Exception as err:  # any failure must reach the other ranks, not strand them in the broadcast
+            error = err
+    outcome = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if outcome[1] is not None:
+        raise SetupError(f"rank 0 failed to set up the run ({outcome[1]})")
+    return outcome[0]
+
+
+def data_identity(config: RunConfig) -> dict[str, Any]:
+    if not config.data.path:
+        raise ConfigError("data.path: must name a shard directory (prepare one with data_prep/slimpajama.py)")
+    manifest = read_manifest(config.data.path)
+    if manifest["seq_len"] != config.data.seq_len:
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len}, but the shards in {config.data.path} hold {manifest['seq_len']}-token "
+            f"sequences; set data.seq_len={manifest['seq_len']} or prepare shards with --seq-len {config.data.seq_len}"
+        )
+    return {"seq_len": manifest["seq_len"], "tokenizer_sha256": manifest["tokenizer_sha256"],
+            "data_fingerprint": manifest.get("fingerprint"), "num_sequences": manifest["num_sequences"]}
+
+
+def model_tokenizer(model_dir: Path, data_sha256: str) -> Path | None:
+    """The model's tokenizer file (copied into checkpoints and exports), checked against the shards' tokenizer."""
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except TokenizerNotFound:
+        log.warning("%s has no tokenizer.model / tokenizer.json: checkpoints and exports will lack a tokenizer",
+                    model_dir)
+        return None
+    if tokenizer.sha256 != data_sha256:
+        raise ConfigError(
+            f"model.init_from={model_dir} has tokenizer {tokenizer.path.name} with sha256 {tokenizer.sha256[:12]}..., "
+            f"but data.path shards were tokenized with sha256 {data_sha256[:12]}...; prepare the shards with this "
+            "model's tokenizer"
+        )
+    return tokenizer.path
+
+
+def plan_run(config: RunConfig, env: DistEnv) -> RunPlan:
+    """Collective. Validates data, model and resume target; rank 0 prepares the run dir."""
+    return on_rank0(env, lambda: _plan_run(config, env.world_size))
+
+
+def _plan_run(config: RunConfig, world_size: int) -> RunPlan:
+    config.train.grad_accum_steps(world_size)  # a world size that does not divide the batch fails here
+    run_dir = Path(config.run_dir)
+    data = data_identity(config)
+    model_dir = resolve_model_dir(config.model.init_from)
+    hf_config = hf_config_dict(model_dir)
+    identity = {"seq_len": data["seq_len"], "tokenizer_sha256": data["tokenizer_sha256"],
+                "data_fingerprint": data["data_fingerprint"], "architecture": architecture(hf_config)}
+    tokenizer_file = model_tokenizer(model_dir, data["tokenizer_sha256"])
+    checkpoint = resolve_resume(config.resume, run_dir)
+    universal, start_step, consumed = False, 0, 0
+    if checkpoint is not None:
+        check_compatible(checkpoint, identity, to_dict(config))
+        check_batch_position(checkpoint, config.train.global_batch_size)
+        state = checkpoint.state
+        start_step, consumed = state["step"], state["consumed_samples"]
+        universal = state["world_size"] != world_size
+        if universal:
+            ensure_universal(checkpoint, config.checkpoint.on_world_size_change)
+        log.info("resuming from %s (step %d, %d tokens) on %d ranks%s", checkpoint.path, start_step,
+                 state["tokens"], world_size, f", re-partitioned from {state['world_size']}" if universal else "")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return RunPlan(run_dir=run_dir, model_dir=model_dir, tokenizer_file=tokenizer_file, hf_config=hf_config,
+                   identity=identity, checkpoint=checkpoint, universal=universal, start_step=start_step,
+                   consumed_samples=consumed, budget=plan_budget(config.train, data["seq_len"]))
+
+
+def training_state(config: RunConfig, plan: RunPlan, world_size: int, step: int, consumed_samples: int,
+                   zero_stage: int) -> dict[str, Any]:
+    """The content of a checkpoint's training_state.json."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "consumed_samples": consumed_samples,
+        "tokens": consumed_samples * plan.identity["seq_len"],
+        "world_size": world_size,
+        "global_batch_size": config.train.global_batch_size,
+        "micro_batch_size": config.train.micro_batch_size,
+        "zero_stage": zero_stage,
+        "precision": config.train.precision,
+        "config_hash": config_hash(config),
+        "identity": plan.identity,
+        "versions": {"deepspeed": deepspeed.__version__, "torch": torch.__version__},
+    }
+
+
+def write_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
