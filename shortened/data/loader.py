@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,8 +30,12 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def build_train_loader(shards_dir: str | Path, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                        dp_world_size: int, seed: int, consumed_samples: int = 0, num_workers: int = 0,
-                       pin_memory: bool = False) -> DataLoader:
-    """An endless loader of micro-batches; `consumed_samples` (global, at a step boundary) is where it starts."""
+                       pin_memory: bool = False,
+                       worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+    """An endless loader of micro-batches; `consumed_samples` (global, at a step boundary) is where it starts.
+
+    `worker_init_fn` runs in each worker process at start (the trainer uses it for signal handling).
+    """
     shards = PackedShards(shards_dir)
     sampler = GlobalOrderSampler(len(shards), global_batch_size, micro_batch_size, dp_rank, dp_world_size, seed,
                                  consumed_samples)
@@ -41,4 +46,5 @@ def build_train_loader(shards_dir: str | Path, *, global_batch_size: int, micro_
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init_fn,
     )

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Sequence
@@ -11,6 +13,9 @@ from typing import Sequence
 from shortened.config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger("shortened.train")
+# How gloo and NCCL report a peer that died or stopped answering (their errors are plain RuntimeErrors).
+LOST_RANK_SIGNS = ("Timed out", "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+                   "Watchdog caught collective operation timeout")
 
 
 def setup_logging() -> int:
@@ -27,6 +32,7 @@ def setup_logging() -> int:
     disable_progress_bars()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")  # inside DeepSpeed
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID` prints where a rank is stuck
     return rank
 
 
@@ -52,6 +58,14 @@ def cpt_main(argv: Sequence[str] | None = None, hooks: Sequence[object] = ()) ->
         return 1
     except SetupError as err:  # rank 0 printed the cause
         log.debug("%s", err)
+        return 1
+    except RuntimeError as err:
+        if not any(sign in str(err) for sign in LOST_RANK_SIGNS):
+            raise
+        log.exception("lost contact with another rank")
+        print(f"error: rank {rank} lost contact with another rank (it died, or hung for longer than "
+              "train.dist_timeout_s); the newest complete checkpoint is intact: rerun with resume=auto",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -90,6 +90,20 @@ def setup_distributed(timeout_s: int) -> DistEnv:
                    backend=backend)
 
 
+def apply_timeout_to_all_groups(timeout_s: int) -> None:
+    """Give every process group the configured timeout.
+
+    DeepSpeed builds its ZeRO data-parallel groups with `new_group()`, which takes torch's default (30 minutes)
+    rather than the timeout of the default group: without this a stuck rank would block the others in a
+    gradient reduction for half an hour.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
 def barrier() -> None:
     dist.barrier()
 

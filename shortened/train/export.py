@@ -41,7 +41,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
         raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     config_dict = json.loads((path / MODEL_CONFIG_FILE).read_text())
     hf_config = AutoConfig.for_model(**config_dict)
-    weights = {name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in master_weights(path).items()}
+    # Own copies: the gathered tensors are views of one flat buffer, which safetensors refuses to save.
+    weights = {name: tensor.to(DTYPES[dtype], copy=True).contiguous() for name, tensor in master_weights(path).items()}
     _check_names(weights, hf_config, path)
     hf_config.dtype = DTYPES[dtype]
     hf_config.use_cache = True  # training turned the KV cache off; generation wants it

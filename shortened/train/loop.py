@@ -20,7 +20,8 @@ from shortened.config import RunConfig, TrainConfig, to_dict
 from shortened.data.loader import build_train_loader
 from shortened.modeling import train_flops_per_token
 from shortened.train import checkpoint as ckpt
-from shortened.train.distributed import DistEnv, all_gather_ints, all_reduce_sum, setup_distributed, shutdown
+from shortened.train.distributed import (DistEnv, all_gather_ints, all_reduce_sum, apply_timeout_to_all_groups,
+                                         setup_distributed, shutdown)
 from shortened.train.ds_config import build_deepspeed_config
 from shortened.train.engine import build_engine, load_model
 from shortened.train.failpoints import failpoint
@@ -28,7 +29,7 @@ from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
 from shortened.train.plan import RunPlan, plan_run, training_state, write_json
 from shortened.train.rng import load_rng_state, restore_rng_state, seed_everything
-from shortened.train.signals import StopRequest
+from shortened.train.signals import StopRequest, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,13 @@ class TrainResult:
 
 def train(config: RunConfig, hooks: Sequence[object] = ()) -> TrainResult:
     """Run (or resume) the job described by `config` on this rank; collective over all ranks."""
-    stop = StopRequest().install()  # before any DataLoader worker forks, see signals.py
+    stop = StopRequest().install()  # first: a preemption during start-up still gets its checkpoint
     env = setup_distributed(config.train.dist_timeout_s)
     try:
         plan = plan_run(config, env)
         seed_everything(config.train.seed + env.rank)
         engine = _build(config, env, plan)
+        apply_timeout_to_all_groups(config.train.dist_timeout_s)
         if plan.checkpoint is not None:
             _resume(engine, config, env, plan)
         return _loop(engine, config, env, plan, hooks, stop)
@@ -98,7 +100,8 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
     loader = build_train_loader(config.data.path, global_batch_size=train_cfg.global_batch_size,
                                 micro_batch_size=train_cfg.micro_batch_size, dp_rank=env.rank,
                                 dp_world_size=env.world_size, seed=config.data.seed, consumed_samples=consumed,
-                                num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda")
+                                num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda",
+                                worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
     grad_accum = engine.gradient_accumulation_steps()
     flops_per_token = train_flops_per_token(engine.module.config, seq_len)

@@ -108,10 +108,11 @@ def model_tokenizer(model_dir: Path, data_sha256: str) -> Path | None:
 
 def plan_run(config: RunConfig, env: DistEnv) -> RunPlan:
     """Collective. Validates data, model and resume target; rank 0 prepares the run dir."""
-    return on_rank0(env, lambda: _plan_run(config, env.world_size))
+    return on_rank0(env, lambda: decide_plan(config, env.world_size))
 
 
-def _plan_run(config: RunConfig, world_size: int) -> RunPlan:
+def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
+    """Rank 0's part of `plan_run`: every check and the resume decision, no collectives."""
     config.train.grad_accum_steps(world_size)  # a world size that does not divide the batch fails here
     run_dir = Path(config.run_dir)
     data = data_identity(config)

@@ -1,9 +1,10 @@
 """Preemption: SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary, then a clean exit 0.
 
 The handler only records the signal; the loop agrees on stopping across ranks (one rank receiving it is
-enough) inside the all-reduce it does every step anyway. It is installed before the DataLoader forks its
-workers, so they inherit a handler that sets a flag nobody reads instead of dying: a signal sent to the whole
-process group (SLURM, a terminal) must not kill the workers the save still waits for.
+enough) inside the all-reduce it does every step anyway. DataLoader workers ignore both signals: a signal
+sent to the whole process group (SLURM, a container stop) must not kill the workers the rank still reads from
+before it reaches the step boundary (PyTorch's own worker handler would end them). They still exit with their
+rank, whose death they watch.
 """
 from __future__ import annotations
 
@@ -27,3 +28,9 @@ class StopRequest:
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the rank, not its workers, reacts to preemption."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

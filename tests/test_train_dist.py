@@ -1,0 +1,472 @@
+"""The trainer as users run it: real DeepSpeed (ZeRO-2, bf16) on 2 CPU ranks, launched by `deepspeed`, `torchrun`
+or plain python, with real faults (kill -9 during a save, SIGTERM, a stuck rank, NaN weights).
+
+One straight 16-step run is the reference; every interrupted or re-partitioned run is compared to it step by
+step: bitwise where the arithmetic is the same, within float tolerance where the reduction order differs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import free_port, subprocess_env
+from shortened.config import RunConfig, load_config
+from shortened.data.sampler import GlobalOrderSampler
+from shortened.data.shards import PackedShards
+from shortened.modeling import build_tiny_llama, save_with_tokenizer
+from shortened.train import checkpoint as ckpt
+from shortened.train.cli import export_main
+from shortened.train.export import master_weights
+from shortened.train.plan import decide_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
+CPT = ROOT / "launch" / "cpt.py"
+HOOK_SCRIPT = ROOT / "tests" / "train_hook_script.py"
+BIN = Path(sys.executable).parent
+STEPS, HALF, GLOBAL_BATCH, SEQ = 16, 8, 4, 64
+JOB_TIMEOUT = 240
+pytestmark = pytest.mark.timeout(900)
+
+
+# ---------------------------------------------------------------------------------------------- running jobs
+
+
+def overrides(run_dir: Path, shards: Path, model: Path, *extra: str) -> list[str]:
+    """The tiny-cpu recipe shrunk further: 2-layer model, 4 x 64-token sequences per step, 16 steps."""
+    return [f"model.init_from={model}", f"data.path={shards}", f"data.seq_len={SEQ}", "data.num_workers=0",
+            f"train.global_batch_size={GLOBAL_BATCH}", "train.micro_batch_size=1",
+            f"train.max_tokens={STEPS * GLOBAL_BATCH * SEQ}", "train.dist_timeout_s=60", "optim.lr=3e-3",
+            "optim.warmup_steps=2", "checkpoint.every_steps=4", "log.tensorboard=false", "log.sample_ids=true",
+            f"run_dir={run_dir}", *extra]
+
+
+class Job:
+    """A launched training job in its own session, so cleanup can always reach every process it started."""
+
+    def __init__(self, cmd: list[str], out: Path, script: Path = CPT, **env: str) -> None:
+        self.out = out
+        self.script = str(script)
+        self.handle = open(out, "w")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                                                        PYTHONUNBUFFERED="1", **env))
+
+    def wait(self, timeout: float = JOB_TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.cleanup()
+
+    def output(self) -> str:
+        return self.out.read_text()
+
+    def ranks(self) -> dict[int, psutil.Process]:
+        """The training processes by rank: launched with RANK set by a parent that has none (DataLoader workers
+        inherit RANK from their rank; the launchers themselves have none)."""
+        found = {}
+        for proc in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if self.script in proc.cmdline() and "RANK" in proc.environ() \
+                        and "RANK" not in proc.parent().environ():
+                    found[int(proc.environ()["RANK"])] = proc
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def wait_for(self, predicate, what: str, timeout: float = JOB_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"job ended (rc {self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{self.output()[-4000:]}")
+            time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session this test started, and only it
+            self.proc.wait()
+        self.handle.close()
+
+
+def deepspeed(nproc: int, args: list[str], out: Path, script: Path = CPT, **env: str) -> Job:
+    return Job([BIN / "deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), script,
+                "--config", RECIPE, *args], out, script, **env)
+
+
+def python(args: list[str], out: Path) -> Job:
+    """One process, no launcher: a world of one."""
+    return Job([sys.executable, CPT, "--config", RECIPE, *args], out)
+
+
+def run_ok(job: Job) -> str:
+    rc = job.wait()
+    text = job.output()
+    assert rc == 0, f"job failed (rc {rc}):\n{text[-6000:]}"
+    return text
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def same(a: dict, b: dict, keys=("step", "tokens", "loss", "lr", "grad_norm", "sample_ids")) -> bool:
+    return all(a[k] == b[k] for k in keys)
+
+
+def close(a: dict, b: dict, rel: float) -> bool:
+    return a["sample_ids"] == b["sample_ids"] and abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"])
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train_dist")
+
+
+@pytest.fixture(scope="module")
+def ref_run(work, train_shards_64, tiny_init_model) -> Path:
+    """Straight 16 steps on 2 ranks through `deepspeed launch/cpt.py`: the reference trace (and TensorBoard)."""
+    run_dir = work / "ref"
+    run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, "log.tensorboard=true",
+                                  "data.num_workers=1"), work / "ref.out"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def stop_run(work, train_shards_64, tiny_init_model) -> Path:
+    """The first 8 steps of the same run (train.max_steps=8), on 2 ranks. Its step-8 checkpoint is also copied
+    aside for the world-size test (the resumed run's retention deletes the original)."""
+    run_dir = work / "resumed"
+    run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}"),
+                     work / "stop.out"))
+    shutil.copytree(ckpt.checkpoints_root(run_dir) / ckpt.tag_for(HALF), work / "pristine" / ckpt.tag_for(HALF))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def resume_run(work, stop_run, train_shards_64, tiny_init_model) -> tuple[Path, str]:
+    """The same run continued in new processes, under torchrun this time, to step 16."""
+    job = Job([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), CPT, "--config", RECIPE,
+               *overrides(stop_run, train_shards_64, tiny_init_model)], work / "resume.out")
+    return stop_run, run_ok(job)
+
+
+# ---------------------------------------------------------------------------------------------- acceptance 1, 2
+
+
+def test_tiny_model_trains_on_the_shared_sample_and_its_loss_falls(ref_run):
+    log = read_log(ref_run)
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    assert [r["tokens"] for r in log] == [s * GLOBAL_BATCH * SEQ for s in range(1, STEPS + 1)]
+    losses = [r["loss"] for r in log]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.4, losses
+    for record in log:
+        for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "data_wait_s",
+                    "memory_gb"):
+            assert record[key] is not None and record[key] >= 0, (key, record)
+        assert record["tokens_per_s_per_gpu"] == pytest.approx(record["tokens_per_s"] / 2)
+        assert len(record["sample_ids"]) == GLOBAL_BATCH and not record["skipped"]
+    assert log[0]["lr"] == pytest.approx(1.5e-3) and log[1]["lr"] == pytest.approx(3e-3)  # warmup 2, then cosine
+    assert log[-1]["lr"] < log[2]["lr"]
+    ds_config = json.loads((ref_run / "deepspeed_config.json").read_text())
+    assert (ds_config["gradient_accumulation_steps"], ds_config["zero_optimization"]["stage"]) == (2, 2)
+    assert load_config(RunConfig, ref_run / "config.yaml").run_dir == str(ref_run)
+    complete, incomplete = ckpt.scan(ckpt.checkpoints_root(ref_run))
+    assert [c.step for c in complete] == [12, 16] and not incomplete  # every 4 steps, keep_last 2
+    assert {p.name for p in (complete[-1].path / "rng").iterdir()} == {"rank_00000.pt", "rank_00001.pt"}
+    assert list((ref_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_in_new_processes_gives_bitwise_equal_losses(ref_run, resume_run):
+    run_dir, output = resume_run
+    assert "resuming from" in output and "step_00000008" in output
+    resumed, reference = read_log(run_dir), read_log(ref_run)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # one line per step, nothing repeated
+    for a, b in zip(resumed, reference):
+        assert same(a, b), (a, b)
+
+
+# ---------------------------------------------------------------------------------------------- acceptance 3, 4
+
+
+def read_log_lines(run_dir: Path) -> list[dict]:
+    """The log as it is while a job writes it (a last line may be cut)."""
+    path = run_dir / "train_log.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+@pytest.fixture(scope="module")
+def kill_run(work, train_shards_64, tiny_init_model) -> dict:
+    """Rank 1 is killed with SIGKILL half-way through the step-12 save: DeepSpeed's files are written (rank 1
+    stalls at a failpoint right after them), rank 0 has written its files and waits for rank 1."""
+    run_dir = work / "faults"
+    job = deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, "train.dist_timeout_s=30"),
+                    work / "kill.out", SHORTENED_FAILPOINT="checkpoint.after_engine_save:rank=1:step=12:sleep=600")
+    save_dir = ckpt.checkpoints_root(run_dir) / ckpt.tag_for(12)
+    job.wait_for(lambda: (save_dir / ckpt.STATE_FILE).is_file(), "rank 0's files of the step-12 save")
+    victim = job.ranks()[1]
+    killed_at = time.monotonic()
+    victim.kill()
+    rc = job.wait(timeout=120)
+    return {"run_dir": run_dir, "rc": rc, "seconds": time.monotonic() - killed_at, "output": job.output(),
+            "left": sorted(str(p.relative_to(save_dir)) for p in save_dir.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def term_run(work, kill_run, train_shards_64, tiny_init_model) -> dict:
+    """`resume=auto` after the kill; then SIGTERM reaches rank 1 and its DataLoader worker (as a signal to the
+    whole process group would) while rank 0 is held at step 10 by a failpoint."""
+    run_dir = kill_run["run_dir"]
+    started = time.time()
+    job = deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, "data.num_workers=1"), work / "term.out",
+                    SHORTENED_FAILPOINT="loop.after_step:rank=0:step=10:sleep=4")
+    job.wait_for(lambda: any(r["step"] == 10 and r["time"] > started for r in read_log_lines(run_dir)), "step 10")
+    rank1 = job.ranks()[1]
+    for proc in [rank1, *rank1.children(recursive=True)]:
+        proc.send_signal(signal.SIGTERM)
+    rc = job.wait()
+    complete, _ = ckpt.scan(ckpt.checkpoints_root(run_dir))
+    return {"run_dir": run_dir, "rc": rc, "output": job.output(), "log": read_log(run_dir),
+            "newest_complete": complete[-1].step}
+
+
+@pytest.fixture(scope="module")
+def final_run(work, term_run, train_shards_64, tiny_init_model) -> Path:
+    """Resume after SIGTERM to the end, through a script that adds an evaluator-like hook."""
+    run_dir = term_run["run_dir"]
+    run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model), work / "final.out", script=HOOK_SCRIPT))
+    return run_dir
+
+
+def test_kill9_during_a_save_resumes_from_the_previous_complete_checkpoint(ref_run, kill_run, term_run):
+    assert kill_run["rc"] != 0, kill_run["output"][-3000:]
+    assert kill_run["seconds"] < 30, "a dead rank must end the job within train.dist_timeout_s"
+    left = kill_run["left"]
+    assert "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in left  # the save was under way...
+    assert "training_state.json" in left and "complete.json" not in left  # ...and never counted
+    output = term_run["output"]
+    assert "resume=auto ignores" in output and "step_00000012: no complete.json" in output
+    assert "resuming from" in output and "step_00000008" in output
+    reference = {r["step"]: r for r in read_log(ref_run)}
+    resumed = term_run["log"]
+    assert [r["step"] for r in resumed][:9] == list(range(1, 10))
+    for record in resumed:
+        assert same(record, reference[record["step"]]), (record, reference[record["step"]])
+
+
+def test_sigterm_saves_exits_0_and_resuming_continues_exactly(ref_run, term_run, final_run):
+    assert term_run["rc"] == 0, term_run["output"][-3000:]
+    stopped = term_run["log"][-1]["step"]
+    assert stopped in (11, 12), "the stop lands on the step where any rank saw the signal"
+    assert f"stopped by SIGTERM at step {stopped}" in term_run["output"] or \
+        f"stopped by signal on another rank at step {stopped}" in term_run["output"]
+    assert term_run["newest_complete"] == stopped
+    final, reference = read_log(final_run), read_log(ref_run)
+    assert [r["step"] for r in final] == list(range(1, STEPS + 1))
+    for a, b in zip(final, reference):
+        assert same(a, b), (a, b)
+
+
+def test_hooks_run_on_every_rank_after_each_step_and_after_complete_checkpoints(term_run, final_run):
+    stopped = term_run["log"][-1]["step"]
+    for rank in (0, 1):
+        events = [json.loads(line) for line in (final_run / f"hook_rank{rank}.jsonl").read_text().splitlines()]
+        steps = [e["step"] for e in events if e["event"] == "step"]
+        assert steps == list(range(stopped + 1, STEPS + 1))
+        assert all(e["finite"] and e["world_size"] == 2 and e["tokens"] == e["step"] * GLOBAL_BATCH * SEQ
+                   for e in events if e["event"] == "step")
+        saved = [e for e in events if e["event"] == "checkpoint"]
+        assert [e["step"] for e in saved] == [s for s in (12, 16) if s > stopped]
+        assert all(e["complete"] for e in saved)
+
+
+# ---------------------------------------------------------------------------------------------- acceptance 5, 6
+
+
+@pytest.fixture(scope="module")
+def pristine_step8(work, stop_run) -> Path:
+    return work / "pristine" / ckpt.tag_for(HALF)
+
+
+def test_world_size_2_to_1_reads_the_same_next_samples_with_the_optimizer_state(ref_run, pristine_step8, work,
+                                                                                 train_shards_64, tiny_init_model):
+    run_dir = work / "one_rank_resumed"
+    output = run_ok(python(overrides(run_dir, train_shards_64, tiny_init_model, f"resume={pristine_step8}"),
+                           work / "w1.out"))
+    assert "re-partitioned from 2" in output and (pristine_step8 / "universal" / "zero").is_dir()
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["gradient_accumulation_steps"] == 4
+    reference = {r["step"]: r for r in read_log(ref_run)}
+    resumed = read_log(run_dir)
+    assert [r["step"] for r in resumed] == list(range(HALF + 1, STEPS + 1))
+    # Fresh Adam moments would move step 10's loss by ~1e-2; carried ones keep it within float noise.
+    for record in resumed:
+        assert close(record, reference[record["step"]], rel=1e-4), (record, reference[record["step"]])
+
+
+def test_one_rank_with_double_accumulation_matches_two_ranks(ref_run, work, train_shards_64, tiny_init_model):
+    """Also with activation checkpointing on: recomputation changes memory, not the numbers."""
+    run_dir = work / "one_rank"
+    run_ok(python(overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}",
+                            "model.activation_checkpointing=true"), work / "one.out"))
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["gradient_accumulation_steps"] == 4
+    one, two = read_log(run_dir), read_log(ref_run)[:HALF]
+    assert one[0]["loss"] == two[0]["loss"]  # the same micro-batches, summed exactly
+    for a, b in zip(one, two):
+        assert close(a, b, rel=1e-4), (a, b)
+
+
+# ---------------------------------------------------------------------------------------------- acceptance 7, 8
+
+
+def test_a_checkpoint_that_differs_from_the_config_fails_fast_naming_the_difference(
+        ref_run, work, train_shards_64, tiny_init_model, tokenizer_model, slimpajama_sample):
+    base = overrides(ref_run, train_shards_64, tiny_init_model)
+
+    def plan(*extra: str):
+        return decide_plan(load_config(RunConfig, RECIPE, [*base, *extra]), 2)
+
+    three = work / "three_layers"
+    save_with_tokenizer(build_tiny_llama(num_layers=3), three, tokenizer_model)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000016 does not match this run: architecture "
+                                                   r"num_hidden_layers: checkpoint 2, model.init_from 3"):
+        plan(f"model.init_from={three}")
+
+    from shortened.data.prepare import PrepareConfig, prepare_shards
+
+    shards_128 = work / "shards_128"
+    prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="train", tokenizer=str(tokenizer_model),
+                                 output=str(shards_128), seq_len=128, workers=2, progress=False, verbose=False))
+    with pytest.raises(ckpt.CheckpointError, match=r"sequence length: checkpoint 64, config data.seq_len=128"):
+        plan(f"data.path={shards_128}", "data.seq_len=128")
+
+    # Shards made with another tokenizer (their manifest says so), and a model directory without one.
+    other_tok = work / "shards_other_tokenizer"
+    shutil.copytree(train_shards_64, other_tok)
+    manifest = json.loads((other_tok / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (other_tok / "manifest.json").write_text(json.dumps(manifest))
+    bare_model = work / "model_without_tokenizer"
+    shutil.copytree(tiny_init_model, bare_model)
+    (bare_model / "tokenizer.model").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"tokenizer: checkpoint sha256 9e556afd4421\.\.\., shards in "
+                                                   r"data.path 000000000000\.\.\."):
+        plan(f"data.path={other_tok}", f"model.init_from={bare_model}")
+    # ...while the model's own tokenizer is checked against the shards before any checkpoint is looked at
+    with pytest.raises(Exception, match=r"model.init_from=.* has tokenizer tokenizer.model .* but data.path shards"):
+        plan(f"data.path={other_tok}")
+
+
+def test_exported_hf_model_reproduces_the_training_weights_logits(ref_run, work, tiny_init_model, train_shards_64,
+                                                                  tokenizer_model):
+    final = ckpt.checkpoints_root(ref_run) / ckpt.tag_for(STEPS)
+    out = work / "exported"
+    assert export_main(["--checkpoint", str(final), "--out", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    assert next(exported.parameters()).dtype == torch.bfloat16
+    assert (out / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+    # The weights the engine ran its forward pass with: the bf16 module DeepSpeed saved.
+    module_state = torch.load(final / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    trained = AutoModelForCausalLM.from_pretrained(tiny_init_model, dtype=torch.bfloat16).eval()
+    trained.load_state_dict(module_state)
+    assert not torch.equal(trained.lm_head.weight, AutoModelForCausalLM.from_pretrained(
+        tiny_init_model, dtype=torch.bfloat16).lm_head.weight)  # training moved the weights
+    shards = PackedShards(train_shards_64)
+    ids = torch.stack([torch.from_numpy(shards[i]) for i in (0, 17, 4242)])
+    with torch.no_grad():
+        logits = trained(input_ids=ids).logits
+        assert torch.equal(exported(input_ids=ids).logits, logits)
+        copy = AutoModelForCausalLM.from_pretrained(final / "model", dtype="auto").eval()
+        assert torch.equal(copy(input_ids=ids).logits, logits)  # the trainer's own model/ copy agrees
+    fp32 = AutoModelForCausalLM.from_pretrained(export_fp32(final, work), dtype="auto")
+    masters = master_weights(final)
+    assert all(torch.equal(p, masters[name]) for name, p in fp32.state_dict().items())
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        from shortened.train.export import export_hf
+        export_hf(ckpt.checkpoints_root(ref_run), work / "nothing")
+
+
+def export_fp32(checkpoint: Path, work: Path) -> Path:
+    out = work / "exported_fp32"
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- NaN, stuck rank
+
+
+def nan_token(shards_dir: Path, data_seed: int, step: int, steps: int) -> int:
+    """A token id that occurs in step `step`'s global batch and in no other of the first `steps` steps."""
+    shards = PackedShards(shards_dir)
+    sampler = GlobalOrderSampler(len(shards), GLOBAL_BATCH, 1, 0, 1, data_seed)
+    tokens = [set(np.concatenate([shards[i] for i in sampler.global_indices(s * GLOBAL_BATCH, GLOBAL_BATCH)]).tolist())
+              for s in range(steps)]
+    only_there = tokens[step - 1] - set().union(*(t for i, t in enumerate(tokens) if i != step - 1))
+    return min(only_there)
+
+
+def test_a_nan_loss_stops_the_run_with_a_message_or_skips_the_step(work, train_shards_64, tiny_init_model):
+    """The embedding row of a token that first appears in step 3's batch is NaN: step 3's loss is NaN, no other."""
+    base = overrides(work / "unused", train_shards_64, tiny_init_model)
+    token = nan_token(train_shards_64, load_config(RunConfig, RECIPE, base).data.seed, step=3, steps=6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_init_model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[token] = float("nan")
+    poisoned = save_with_tokenizer(model, work / "nan_model", tiny_init_model / "tokenizer.model")
+
+    stop_dir = work / "nan_stop"
+    job = python(overrides(stop_dir, train_shards_64, poisoned, "train.max_steps=6"), work / "nan_stop.out")
+    assert job.wait() == 1
+    assert "error: step 3: loss nan; the update was not applied" in job.output()
+    log = read_log(stop_dir)
+    assert [r["step"] for r in log] == [1, 2, 3] and log[2]["loss"] is None and log[2]["skipped"]
+
+    skip_dir = work / "nan_skip"
+    run_ok(python(overrides(skip_dir, train_shards_64, poisoned, "train.max_steps=6", "train.nan_policy=skip"),
+                  work / "nan_skip.out"))
+    log = read_log(skip_dir)
+    assert [r["skipped"] for r in log] == [False, False, True, False, False, False]
+    assert all(r["loss"] is not None for i, r in enumerate(log) if i != 2)
+    assert log[3]["lr"] == log[2]["lr"]  # a skipped update does not advance the schedule
+
+
+def test_a_stuck_rank_ends_the_job_within_the_collective_timeout(work, train_shards_64, tiny_init_model):
+    run_dir = work / "stuck"
+    job = deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, "train.dist_timeout_s=10"),
+                    work / "stuck.out")
+    try:
+        job.wait_for(lambda: len(read_log_lines(run_dir)) >= 2, "step 2")
+        ranks = job.ranks()
+        ranks[1].suspend()  # SIGSTOP: alive, holding its sockets open, answering nothing
+        stopped_at = time.monotonic()
+        ranks[0].wait(timeout=90)
+        waited = time.monotonic() - stopped_at
+        ranks[1].kill()
+    finally:
+        rc = job.wait(timeout=60)
+    assert waited < 10 + 15, f"rank 0 waited {waited:.0f} s for a stuck peer with train.dist_timeout_s=10"
+    assert rc != 0
+    assert "lost contact with another rank" in job.output() and "Timed out waiting 10000ms" in job.output()
