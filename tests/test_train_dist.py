@@ -28,7 +28,7 @@ from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
 from shortened.train.cli import export_main
-from shortened.train.export import master_weights
+from shortened.train.export import export_hf, master_weights
 from shortened.train.plan import decide_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,12 +388,13 @@ def test_exported_hf_model_reproduces_the_training_weights_logits(ref_run, work,
     exported = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
     assert next(exported.parameters()).dtype == torch.bfloat16
     assert (out / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
-    # The weights the engine ran its forward pass with: the bf16 module DeepSpeed saved.
-    module_state = torch.load(final / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    # An independent source of the training weights: the fp32 master copy in the two ranks' ZeRO shards,
+    # rounded to bf16 as the optimizer does after every step.
+    masters = master_weights(final)
     trained = AutoModelForCausalLM.from_pretrained(tiny_init_model, dtype=torch.bfloat16).eval()
-    trained.load_state_dict(module_state)
-    assert not torch.equal(trained.lm_head.weight, AutoModelForCausalLM.from_pretrained(
-        tiny_init_model, dtype=torch.bfloat16).lm_head.weight)  # training moved the weights
+    untrained_head = trained.lm_head.weight.clone()
+    trained.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in masters.items()})
+    assert not torch.equal(trained.lm_head.weight, untrained_head)  # training moved the weights
     shards = PackedShards(train_shards_64)
     ids = torch.stack([torch.from_numpy(shards[i]) for i in (0, 17, 4242)])
     with torch.no_grad():
@@ -402,10 +403,8 @@ def test_exported_hf_model_reproduces_the_training_weights_logits(ref_run, work,
         copy = AutoModelForCausalLM.from_pretrained(final / "model", dtype="auto").eval()
         assert torch.equal(copy(input_ids=ids).logits, logits)  # the trainer's own model/ copy agrees
     fp32 = AutoModelForCausalLM.from_pretrained(export_fp32(final, work), dtype="auto")
-    masters = master_weights(final)
     assert all(torch.equal(p, masters[name]) for name, p in fp32.state_dict().items())
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
-        from shortened.train.export import export_hf
         export_hf(ckpt.checkpoints_root(ref_run), work / "nothing")
 
 

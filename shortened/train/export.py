@@ -1,9 +1,9 @@
 """A complete checkpoint as a Hugging Face model (safetensors + tokenizer) with the training weights' logits.
 
-The weights come from the fp32 master copy in the ZeRO optimizer shards (not from the optional `model/` copy),
-cast to the training dtype: bf16 training runs its forward pass on exactly that rounding of the master
-weights, so the exported model reproduces the trained model's logits bit for bit. No model is instantiated,
-so exporting a 7B checkpoint needs memory for its weights only.
+By default the weights are the ones the engine ran its forward pass with: DeepSpeed's module state in the
+training dtype (under ZeRO-1/2 every rank holds it whole; in bf16 it is the rounding of the fp32 master
+weights). `dtype="fp32"` on a bf16 run exports the fp32 master weights instead, gathered from the ZeRO-2
+optimizer shards. No model is instantiated, so exporting a 7B checkpoint needs memory for its weights only.
 """
 from __future__ import annotations
 
@@ -23,11 +23,22 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights in the training dtype, as the engine used them."""
+    states = torch.load(checkpoint / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True,
+                        weights_only=False)  # DeepSpeed's file also pickles its config objects; our own file
+    return states["module"]
+
+
 def master_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 master weights, gathered from every rank's ZeRO-1/2 shard (no process group needed)."""
+    """The fp32 master weights, gathered from every rank's ZeRO-2 optimizer shard (no process group needed)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    except ValueError as err:  # ZeRO-1 with bf16 uses DeepSpeed's BF16_Optimizer, whose shards it cannot read
+        raise CheckpointError(f"{checkpoint}: cannot gather fp32 master weights ({err}); export in the training "
+                              "dtype (the default) instead") from None
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None) -> Path:
@@ -36,13 +47,15 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
     problem = marker_problem(path)
     if problem is not None:
         raise CheckpointError(f"{path}: not a complete checkpoint ({problem}); only complete ones are exported")
-    dtype = dtype or json.loads((path / STATE_FILE).read_text())["precision"]
+    precision = json.loads((path / STATE_FILE).read_text())["precision"]
+    dtype = dtype or precision
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    source = module_weights(path) if dtype == precision else master_weights(path)
     config_dict = json.loads((path / MODEL_CONFIG_FILE).read_text())
     hf_config = AutoConfig.for_model(**config_dict)
-    # Own copies: the gathered tensors are views of one flat buffer, which safetensors refuses to save.
-    weights = {name: tensor.to(DTYPES[dtype], copy=True).contiguous() for name, tensor in master_weights(path).items()}
+    # Own copies: gathered tensors are views of one flat buffer, which safetensors refuses to save.
+    weights = {name: tensor.to(DTYPES[dtype], copy=True).contiguous() for name, tensor in source.items()}
     _check_names(weights, hf_config, path)
     hf_config.dtype = DTYPES[dtype]
     hf_config.use_cache = True  # training turned the KV cache off; generation wants it

@@ -1,0 +1,174 @@
+"""Training-step benchmarks of the real trainer (`deepspeed launch/cpt.py`), read from its train_log.jsonl.
+
+    python bench/train_step.py breakdown                     # CPU: where a step's time goes, checkpoint share
+    python bench/train_step.py throughput --geometry vicuna-2.7b --nproc 8   # GPU: tokens/s/GPU and MFU
+
+breakdown: the shipped tiny-cpu recipe on 2 CPU ranks: data wait, forward/backward and optimizer per step
+(device-synchronised timers), and the checkpoint save at the recipe's interval as a share of wall time.
+
+throughput: ZeRO-2 against ZeRO-1, each with and without activation checkpointing, one run each, side by side:
+tokens/s, tokens/s per GPU, MFU (bf16 dense peak of the device, see shortened/train/metrics.py), step time and
+peak memory. `--geometry vicuna-2.7b` is 12 Vicuna-7B blocks with random weights at seq 2048, micro batch 2
+(the issue's setting); `--geometry tiny` runs the same comparison on a CPU in seconds.
+The first `--warmup` steps of every run are left out of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SAMPLE = ROOT.parent / "shared" / "data" / "slimpajama-sample"
+TOKENIZER = ROOT.parent / "shared" / "data" / "llama-tokenizer" / "tokenizer.model"
+RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
+GEOMETRIES = {  # seq_len, micro batch, model builder arguments
+    "tiny": {"seq_len": 128, "micro": 2, "layers": 4},
+    "vicuna-2.7b": {"seq_len": 2048, "micro": 2, "layers": 12},
+}
+
+
+def shards(out: Path, seq_len: int) -> Path:
+    from shortened.data.prepare import PrepareConfig, prepare_shards
+
+    path = out / f"shards-{seq_len}"
+    if not (path / "manifest.json").is_file():
+        prepare_shards(PrepareConfig(input=str(SAMPLE), split="train", tokenizer=str(TOKENIZER), output=str(path),
+                                     seq_len=seq_len, workers=2, progress=False, verbose=False))
+    return path
+
+
+def model(out: Path, geometry: str) -> Path:
+    """A saved model with random weights of the geometry (built once, on the GPU when there is one)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from shortened.modeling import build_tiny_llama, save_with_tokenizer, vicuna_7b_config
+
+    path = out / f"model-{geometry}"
+    if (path / "config.json").is_file():
+        return path
+    if geometry == "tiny":
+        net = build_tiny_llama(num_layers=GEOMETRIES["tiny"]["layers"])
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        with torch.device(device):
+            net = LlamaForCausalLM(vicuna_7b_config(GEOMETRIES[geometry]["layers"])).to(torch.bfloat16)
+    save_with_tokenizer(net, path, TOKENIZER)
+    return path
+
+
+def run(name: str, out: Path, nproc: int, overrides: list[str]) -> list[dict]:
+    run_dir = out / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+           str(_free_port()), str(ROOT / "launch" / "cpt.py"), "--config", str(RECIPE), f"run_dir={run_dir}",
+           *overrides]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    started = time.monotonic()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    print(f"  {name}: {len(records)} steps in {time.monotonic() - started:.0f} s (including start-up)", flush=True)
+    return records
+
+
+def breakdown(args: argparse.Namespace) -> None:
+    from shortened.config import RunConfig, load_config
+
+    recipe = load_config(RunConfig, RECIPE)
+    every = recipe.checkpoint.every_steps
+    steps = args.steps or 2 * every
+    out = Path(args.out)
+    common = [f"model.init_from={model(out, 'tiny')}", f"data.path={shards(out, recipe.data.seq_len)}",
+              f"train.max_steps={steps}", "log.sync_timers=true", "log.tensorboard=false", *args.set]
+    variants = {"as shipped": [], "2 loader workers": ["data.num_workers=2"]}
+    rows = {name: run(name.replace(" ", "-"), out, 2, [*common, *extra]) for name, extra in variants.items()}
+    print(f"\nCPU step-time breakdown, tiny-cpu recipe ({recipe.train.global_batch_size} x {recipe.data.seq_len} "
+          f"tokens/step, 2 ranks, data.num_workers={recipe.data.num_workers}), mean of steps {args.warmup + 1}..{steps} "
+          "without a save:")
+    print(f"  {'variant':<18} {'data wait':>16} {'fwd+bwd':>16} {'optimizer':>16} {'step':>9} {'tokens/s':>9} "
+          f"{'save':>7} {'save share':>10}")
+    for name, records in rows.items():
+        timed = [r for r in records[args.warmup:] if "checkpoint_s" not in r]
+        step = float(np.mean([r["step_time_s"] for r in timed]))
+        phases = [float(np.mean([r[key] for r in timed])) for key in ("data_wait_s", "fwd_bwd_s", "optim_s")]
+        save = float(np.mean([r["checkpoint_s"] for r in records if "checkpoint_s" in r]))
+        cells = " ".join(f"{p * 1e3:7.1f} ms {p / step:5.1%}" for p in phases)
+        print(f"  {name:<18} {cells} {step * 1e3:6.0f} ms {np.mean([r['tokens_per_s'] for r in timed]):9.0f} "
+              f"{save * 1e3:4.0f} ms {save / (every * step + save):10.2%}")
+    print(f"  (save share = one checkpoint save / (checkpoint.every_steps={every} steps + the save); "
+          "targets: data wait < 1 % of a step, saves < 2 % of wall time)")
+
+
+def throughput(args: argparse.Namespace) -> None:
+    geometry = GEOMETRIES[args.geometry]
+    out = Path(args.out)
+    seq, micro = geometry["seq_len"], geometry["micro"]
+    global_batch = micro * args.grad_accum * args.nproc
+    common = [f"model.init_from={model(out, args.geometry)}", f"data.path={shards(out, seq)}", f"data.seq_len={seq}",
+              f"train.micro_batch_size={micro}", f"train.global_batch_size={global_batch}",
+              f"train.max_steps={args.steps}", "train.max_tokens=0", "checkpoint.every_steps=1000000",
+              "checkpoint.save_hf=false", "log.tensorboard=false", "optim.warmup_steps=10", "optim.lr=1e-4",
+              "data.num_workers=2", *args.set]
+    rows = []
+    for stage in (2, 1):
+        for recompute in (False, True):
+            name = f"zero{stage}-{'ckpt' if recompute else 'nockpt'}"
+            records = run(name, out, args.nproc, [*common, f"deepspeed_config=ds_configs/zero{stage}_bf16.json",
+                                                  f"model.activation_checkpointing={str(recompute).lower()}"])
+            timed = records[args.warmup:-1]  # the last step carries the final checkpoint
+            mfu = [r["mfu"] for r in timed if r["mfu"] is not None]
+            rows.append((name, np.mean([r["tokens_per_s"] for r in timed]),
+                         np.mean([r["tokens_per_s_per_gpu"] for r in timed]), np.mean(mfu) if mfu else None,
+                         np.mean([r["step_time_s"] for r in timed]), max(r["memory_gb"] for r in timed)))
+    base = rows[0][2]
+    print(f"\n{args.geometry}: seq {seq}, micro {micro}, grad-accum {args.grad_accum}, {args.nproc} rank(s), "
+          f"mean of steps {args.warmup + 1}..{args.steps - 1}")
+    print(f"  {'variant':<14} {'tokens/s':>10} {'tok/s/GPU':>10} {'vs zero2':>9} {'MFU':>7} {'step s':>8} {'peak GB':>8}")
+    for name, tps, per_gpu, mfu, step, memory in rows:
+        mfu_text = f"{mfu:.1%}" if mfu is not None else "-"
+        print(f"  {name:<14} {tps:10.0f} {per_gpu:10.0f} {per_gpu / base:8.2f}x {mfu_text:>7} {step:8.3f} {memory:8.1f}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("breakdown", "throughput"))
+    parser.add_argument("--out", default=str(ROOT / "bench_out" / "train_step"))
+    parser.add_argument("--steps", type=int, default=0, help="breakdown: default 2 checkpoint intervals; "
+                                                              "throughput: default 30")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (GPUs, or CPU processes)")
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.mode == "breakdown":
+        breakdown(args)
+    else:
+        args.steps = args.steps or 30
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
