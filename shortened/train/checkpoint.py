@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ class Checkpoint:
     path: Path
     step: int
 
-    @property
+    @cached_property
     def state(self) -> dict[str, Any]:
         return json.loads((self.path / STATE_FILE).read_text())
 

@@ -15,6 +15,8 @@ from typing import Any
 from shortened.config import ConfigError, RunConfig
 
 SUPPORTED_ZERO_STAGES = (1, 2)
+FORBIDDEN = ("scheduler", "fp16")  # sections that would fight the trainer's own LR schedule and bf16 setup
+_MISSING = object()
 # Which typed-config field owns each derived DeepSpeed key (named in the error when a file disagrees).
 OWNERS = {
     "train_batch_size": "train.global_batch_size",
@@ -103,10 +105,6 @@ def build_deepspeed_config(config: RunConfig, world_size: int, *, on_cuda: bool,
     merged = _merge(copy.deepcopy(base), derived)
     merged.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs; DeepSpeed's own step prints are noise
     return merged
-
-
-_MISSING = object()
-FORBIDDEN = ("scheduler", "fp16")
 
 
 def _enabled(section: Any) -> bool:

@@ -27,7 +27,8 @@ from shortened.train.engine import build_engine, load_model
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
-from shortened.train.plan import RunPlan, plan_run, training_state, write_json
+from shortened.train.fsutil import atomic_write_json
+from shortened.train.plan import RunPlan, plan_run, training_state
 from shortened.train.rng import load_rng_state, restore_rng_state, seed_everything
 from shortened.train.signals import StopRequest, ignore_stop_signals
 
@@ -52,6 +53,11 @@ def train(config: RunConfig, hooks: Sequence[object] = ()) -> TrainResult:
     env = setup_distributed(config.train.dist_timeout_s)
     try:
         plan = plan_run(config, env)
+        if plan.start_step >= plan.budget.stop_step:
+            log.info("step %d already reaches the stop at step %d: nothing to train", plan.start_step,
+                     plan.budget.stop_step)
+            return TrainResult(plan.start_step, plan.consumed_samples * plan.identity["seq_len"], "done",
+                               plan.checkpoint.path if plan.checkpoint else None)
         seed_everything(config.train.seed + env.rank)
         engine = _build(config, env, plan)
         apply_timeout_to_all_groups(config.train.dist_timeout_s)
@@ -67,7 +73,7 @@ def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
     ds_config = build_deepspeed_config(config, env.world_size, on_cuda=env.device.type == "cuda",
                                        load_universal=plan.universal)
     if env.is_main:
-        write_json(ds_config, plan.run_dir / "deepspeed_config.json")
+        atomic_write_json(ds_config, plan.run_dir / "deepspeed_config.json")
     return build_engine(model, ds_config, config.optim, plan.budget.total_steps)
 
 
@@ -93,10 +99,6 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
     train_cfg, budget = config.train, plan.budget
     step, consumed = plan.start_step, plan.consumed_samples
     seq_len = plan.identity["seq_len"]
-    if step >= budget.stop_step:
-        log.info("step %d already reaches the stop at step %d: nothing to train", step, budget.stop_step)
-        return TrainResult(step, consumed * seq_len, "done", plan.checkpoint.path if plan.checkpoint else None)
-
     loader = build_train_loader(config.data.path, global_batch_size=train_cfg.global_batch_size,
                                 micro_batch_size=train_cfg.micro_batch_size, dp_rank=env.rank,
                                 dp_world_size=env.world_size, seed=config.data.seed, consumed_samples=consumed,

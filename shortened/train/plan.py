@@ -5,7 +5,6 @@ file system and a bad config stops every rank at once with one message, never le
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -157,8 +156,4 @@ def training_state(config: RunConfig, plan: RunPlan, world_size: int, step: int,
         "identity": plan.identity,
         "versions": {"deepspeed": deepspeed.__version__, "torch": torch.__version__},
     }
-
-
-def write_json(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
