@@ -224,6 +224,15 @@ def test_resume_asked_for_with_nothing_to_resume_is_an_error(tmp_path):
         ckpt.resolve_resume("never", tmp_path)
 
 
+def test_resuming_an_older_checkpoint_warns_about_the_newer_ones(tmp_path, caplog):
+    root = ckpt.checkpoints_root(tmp_path)
+    older = fake_checkpoint(root, 4)
+    fake_checkpoint(root, 8)
+    with caplog.at_level("WARNING"):
+        assert ckpt.resolve_resume(str(older), tmp_path).step == 4
+    assert "step_00000008 in this run_dir belong to the continuation being abandoned" in caplog.text
+
+
 def test_retention_keeps_the_newest_complete_and_drops_only_older_ones(tmp_path):
     root = ckpt.checkpoints_root(tmp_path)
     for step in (2, 4, 6):

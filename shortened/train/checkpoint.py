@@ -17,9 +17,12 @@ A save writes everything, every rank flushes its files, a barrier, then rank 0 w
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import re
+import socket
 import shutil
 import subprocess
 import sys
@@ -82,6 +85,37 @@ def tag_for(step: int) -> str:
 
 def architecture(hf_config: dict[str, Any]) -> dict[str, Any]:
     return {key: hf_config[key] for key in ARCHITECTURE_KEYS if key in hf_config}
+
+
+# ---------------------------------------------------------------------------------------------- one job per run dir
+
+LOCK_FILE = ".train.lock"
+_held_locks: dict[Path, Any] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on `run_dir` for the life of this process (rank 0).
+
+    A job requeued while its previous incarnation still runs (or a second job started by mistake) would
+    otherwise write into the same checkpoints. The kernel drops the lock when the process dies, however it dies.
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(f"{run_dir} is in use by another training job ({holder}); wait for it to end or "
+                              "choose another run_dir") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held_locks[run_dir] = handle
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -153,7 +187,13 @@ def resolve_resume(resume: str, run_dir: Path) -> Checkpoint | None:
         inside, _ = scan(path if path.name == CHECKPOINTS_DIR else path / CHECKPOINTS_DIR)
         hint = f"; did you mean {inside[-1].path}?" if inside else ""
         raise CheckpointError(f"resume={resume}: not a complete checkpoint ({problem}){hint}")
-    return Checkpoint(path.resolve(), int(_TAG.match(path.name).group(1)))
+    chosen = Checkpoint(path.resolve(), int(_TAG.match(path.name).group(1)))
+    newer = [c.path.name for c in complete if c.step > chosen.step and c.path.resolve() != chosen.path]
+    if newer:
+        log.warning("resume=%s: %s in this run_dir belong to the continuation being abandoned; they are replaced "
+                    "as training passes their steps (and resume=auto would pick them until then)", resume,
+                    ", ".join(newer))
+    return chosen
 
 
 def check_compatible(checkpoint: Checkpoint, identity: dict[str, Any], new_config: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, t
 from shortened.data.shards import read_manifest
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
 from shortened.train.checkpoint import (FORMAT_VERSION, Checkpoint, architecture, check_batch_position, check_compatible,
-                                        ensure_universal, resolve_resume)
+                                        ensure_universal, lock_run_dir, resolve_resume)
 from shortened.train.distributed import DistEnv, broadcast_object
 from shortened.train.engine import hf_config_dict, resolve_model_dir
 
@@ -106,8 +106,13 @@ def model_tokenizer(model_dir: Path, data_sha256: str) -> Path | None:
 
 
 def plan_run(config: RunConfig, env: DistEnv) -> RunPlan:
-    """Collective. Validates data, model and resume target; rank 0 prepares the run dir."""
-    return on_rank0(env, lambda: decide_plan(config, env.world_size))
+    """Collective. Rank 0 locks the run dir, validates data, model and resume target, and prepares the run dir."""
+
+    def decide() -> RunPlan:
+        lock_run_dir(Path(config.run_dir))
+        return decide_plan(config, env.world_size)
+
+    return on_rank0(env, decide)
 
 
 def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
