@@ -121,22 +121,8 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
         while step < budget.stop_step:
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             started = time.perf_counter()
-            losses, sample_ids = [], []
-            timer.start()
-            for _ in range(grad_accum):
-                batch = next(batches)
-                timer.stop("data_wait_s")
-                input_ids = batch["input_ids"].to(env.device, non_blocking=True)
-                loss = engine(input_ids=input_ids, labels=input_ids).loss
-                engine.backward(loss)
-                timer.stop("fwd_bwd_s")
-                engine.step()  # the optimizer step (clip, AdamW, schedule) happens on the last micro-batch
-                timer.stop("optim_s")
-                losses.append(loss.detach())
-                if config.log.sample_ids:
-                    sample_ids += batch["sample_index"].tolist()
+            local_sum, sample_ids = _step(engine, batches, grad_accum, timer, env.device, config.log.sample_ids)
             # One collective per step carries the loss and whether any rank was asked to stop.
-            local_sum = torch.stack(losses).double().sum().item()
             loss_sum, stop_votes = all_reduce_sum([local_sum, float(bool(stop))], env.device)
             step_time = time.perf_counter() - started
             step += 1
@@ -182,6 +168,27 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
     finally:
         if logger is not None:
             logger.close()
+
+
+def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.device,
+          want_ids: bool) -> tuple[float, list[int]]:
+    """One optimizer step over `grad_accum` micro-batches: this rank's summed loss and its sample indices."""
+    losses, sample_ids = [], []
+    timer.start()
+    for _ in range(grad_accum):
+        batch = next(batches)
+        timer.stop("data_wait_s")
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        loss = engine(input_ids=input_ids, labels=input_ids).loss
+        engine.backward(loss)
+        timer.stop("fwd_bwd_s")
+        engine.step()  # the optimizer step (clip, AdamW, schedule) happens on the last micro-batch
+        timer.stop("optim_s")
+        losses.append(loss.detach())
+        if want_ids:
+            sample_ids += batch["sample_index"].tolist()
+    # float64: summing fp32 losses is then exact, so 1 rank x 2g micro-batches and 2 ranks x g agree bit for bit
+    return torch.stack(losses).double().sum().item(), sample_ids
 
 
 def _check_finite(loss: float, applied: bool, step: int, train_cfg: TrainConfig, skips_in_a_row: int,
