@@ -53,8 +53,12 @@ def cpt_main(argv: Sequence[str] | None = None, hooks: Sequence[object] = ()) ->
     try:
         config = load_config(RunConfig, args.config, args.overrides)
         train(config, hooks=hooks)
-    except (ConfigError, CheckpointError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, NonFiniteLoss) as err:  # the same on every rank: said once
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    except CheckpointError as err:  # may concern one rank's files
+        print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
         return 1
     except SetupError as err:  # rank 0 printed the cause
         log.debug("%s", err)
