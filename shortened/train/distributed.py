@@ -41,7 +41,9 @@ def launch_variables(environ: Mapping[str, str]) -> dict[str, str]:
     """
     if "RANK" in environ and "WORLD_SIZE" in environ:
         found = {key: environ[key] for key in LAUNCH_VARIABLES if key in environ}
-        found.setdefault("LOCAL_RANK", found["RANK"])
+        # MPI-style launchers export RANK without LOCAL_RANK; RANK would pick the wrong GPU on a second node.
+        found.setdefault("LOCAL_RANK", environ.get("SLURM_LOCALID") or environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
+                         or found["RANK"])
         return found
     if "SLURM_STEP_NUM_TASKS" in environ and "SLURM_PROCID" in environ:
         nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
