@@ -2,9 +2,9 @@
 
 The published protocol (LLM-Pruner's `get_examples`, used by Shortened LLaMA) draws 10 random BookCorpus
 documents of at least 128 tokens and takes a random 128-token window of each, BOS included when the window
-starts at the document's head. We do the same on whatever text we are given: a `.txt` file (documents separated
-by blank lines), a `.jsonl` / `.jsonl.zst` file (one JSON object a line, text under `field`), or a directory of
-such files (sorted, read in order).
+starts at the document's head. We do the same on whatever text we are given: a `.txt` or `.raw` file
+(documents separated by blank lines), a `.jsonl` / `.jsonl.zst` file (one JSON object a line, text under
+`field`), or a directory of such files (sorted, read in order).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from shortened.tokenizer import Tokenizer
 
-DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst")
+DOCUMENT_SUFFIXES = (".txt", ".raw", ".jsonl", ".jsonl.zst")  # .raw: WikiText's plain-text release
 
 
 class CalibrationError(ValueError):
@@ -66,7 +66,7 @@ def read_documents(path: str | Path, field: str = "text") -> list[str]:
 
 
 def _read_file(path: Path, field: str) -> list[str]:
-    if path.name.endswith(".txt"):
+    if path.name.endswith((".txt", ".raw")):
         return [doc for doc in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if doc.strip()]
     documents = []
     with _open_text(path) as handle:
