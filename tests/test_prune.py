@@ -1,9 +1,7 @@
 """Depth pruning on real tiny Llama models, real calibration text and the real LLaMA tokenizer.
 
-The test model has blocks 2 and 3 made exact identities (o_proj and down_proj zero, kept frozen) and is then
-trained until it has memorised the calibration windows, so every other block matters on them, as every block of a
-pretrained LLM matters on real text. (A barely-trained tiny model has blocks whose removal *lowers* perplexity;
-no criterion could be checked against it.)
+The test model (tests/prune_fixtures.py) has blocks 2 and 3 made exact identities and is trained until every
+other block matters on the calibration windows.
 """
 from __future__ import annotations
 
@@ -15,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import ROOT, SLIMPAJAMA_SAMPLE, subprocess_env
+from conftest import ROOT, subprocess_env
+from prune_fixtures import CALIB, CALIB_LEN, CALIB_SAMPLES, IDENTITY, NUM_LAYERS, model_dir, windows  # noqa: F401
 from shortened.config import ConfigError, PruneConfig, from_dict
 from shortened.modeling import block_param_count, build_tiny_llama, param_count, save_with_tokenizer, vicuna_7b_config
 from shortened.prune.blocks import UnsupportedModelError, remove_blocks, skip_blocks
@@ -26,39 +25,7 @@ from shortened.prune.pruner import prune
 from shortened.prune.selection import select_blocks
 from shortened.tokenizer import load_tokenizer
 
-CALIB = SLIMPAJAMA_SAMPLE / "validation"
-CALIB_SAMPLES, CALIB_LEN = 8, 64  # smaller than the published 10 x 128 only to keep the test model's training short
-IDENTITY = [2, 3]
-NUM_LAYERS = 6
 FP32 = torch.float32
-
-
-def make_identity(model, blocks) -> None:
-    with torch.no_grad():
-        for index in blocks:
-            layer = model.model.layers[index]
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-
-
-@pytest.fixture(scope="session")
-def windows(tokenizer_model):
-    return calibration_windows(CALIB, load_tokenizer(tokenizer_model), CALIB_SAMPLES, CALIB_LEN, 1234)
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, tokenizer_model, windows):
-    model = build_tiny_llama(seed=0, num_layers=NUM_LAYERS)
-    make_identity(model, IDENTITY)
-    for index in IDENTITY:
-        model.model.layers[index].requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(40):
-        model(input_ids=windows, labels=windows).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return save_with_tokenizer(model.eval(), tmp_path_factory.mktemp("tiny") / "model", tokenizer_model)
 
 
 def load(model_dir):
