@@ -65,6 +65,13 @@ def test_identity_blocks_rank_least_important_and_are_removed(criterion, model_d
     assert report["calib_ppl_after"] == pytest.approx(report["calib_ppl_before"], rel=1e-6)
 
 
+def test_prune_calibrates_on_real_token_shards(model_dir, sample_shards, tmp_path):
+    report = prune(prune_config(model_dir, tmp_path / "out", criterion="bi", calib=str(sample_shards),
+                                calib_samples=10, calib_len=128))
+    assert report["removed_blocks"] == IDENTITY  # an identity is an identity on any text
+    assert report["calibration"]["path"] == str(sample_shards) and report["calibration"]["length"] == 128
+
+
 @pytest.mark.parametrize("criterion", ["ppl", "magnitude", "bi", "angular"])
 def test_iterative_removes_identity_blocks_first_and_rescores(criterion, model_dir, windows):
     model = load(model_dir)

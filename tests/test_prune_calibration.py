@@ -62,3 +62,30 @@ def test_custom_field_and_errors_name_the_file_and_the_fix(tokenizer, tmp_path):
         read_documents(tmp_path / "body.jsonl.gz")
     with pytest.raises(CalibrationError, match="no such calibration file"):
         read_documents(tmp_path / "missing.jsonl")
+
+
+def test_windows_from_real_token_shards(sample_shards, tokenizer, tmp_path):
+    from shortened.data.shards import open_shards
+
+    windows = calibration_windows(sample_shards, tokenizer, 6, 128, seed=1234)
+    assert windows.shape == (6, 128) and windows.dtype == torch.int64
+    shards = open_shards(sample_shards)
+    sequences = [shards[i].tolist() for i in range(len(shards))]
+    assert all(any(contains(seq, w) for seq in sequences) for w in windows.tolist())
+    assert torch.equal(windows, calibration_windows(sample_shards, tokenizer, 6, 128, seed=1234))
+    assert not torch.equal(windows, calibration_windows(sample_shards, tokenizer, 6, 128, seed=99))
+    with pytest.raises(CalibrationError, match="sequences hold 2048 tokens"):
+        calibration_windows(sample_shards, tokenizer, 2, 4096, seed=0)
+
+    # Shards of another tokenizer: the manifest's sha256 is what a reader trusts, so change it there.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for item in sample_shards.iterdir():
+        if item.is_file():
+            (foreign / item.name).symlink_to(item)
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (foreign / "manifest.json").unlink()
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CalibrationError, match=r"manifest.json: shards were tokenized with tokenizer sha256 000000"):
+        calibration_windows(foreign, tokenizer, 2, 128, seed=0)

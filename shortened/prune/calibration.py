@@ -5,6 +5,11 @@ documents of at least 128 tokens and takes a random 128-token window of each, BO
 starts at the document's head. We do the same on whatever text we are given: a `.txt` or `.raw` file
 (documents separated by blank lines), a `.jsonl` / `.jsonl.zst` file (one JSON object a line, text under
 `field`), or a directory of such files (sorted, read in order).
+
+Token shards (a directory with `manifest.json`, see docs/shard-format.md) hold packed sequences, so there are no
+documents to draw: `num_samples` distinct sequences are drawn and a random `length`-token window of each is taken.
+Such a window may span the end of one document and the start of the next, as training sequences do. The shards'
+tokenizer must be the model's (same sha256), or the ids would mean other words.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from shortened.data.shards import MANIFEST_NAME, open_shards
 from shortened.tokenizer import Tokenizer
 
 DOCUMENT_SUFFIXES = (".txt", ".raw", ".jsonl", ".jsonl.zst")  # .raw: WikiText's plain-text release
@@ -31,6 +37,8 @@ def calibration_windows(
     """A `[num_samples, length]` int64 tensor of token ids; the same inputs always give the same windows."""
     if num_samples <= 0 or length <= 1:
         raise CalibrationError(f"need num_samples >= 1 and length >= 2, got {num_samples} and {length}")
+    if (Path(path) / MANIFEST_NAME).is_file():
+        return shard_windows(path, tokenizer.sha256, num_samples, length, seed)
     documents = read_documents(path, field)
     rng = random.Random(seed)
     order = list(range(len(documents)))
@@ -48,6 +56,27 @@ def calibration_windows(
         f"{path}: only {len(windows)} of {len(documents)} documents have >= {length} tokens, "
         f"{num_samples} needed; give a larger calibration file or lower --calib-samples / --calib-len"
     )
+
+
+def shard_windows(path: str | Path, tokenizer_sha256: str, num_samples: int, length: int, seed: int) -> torch.Tensor:
+    """Windows from `num_samples` distinct packed sequences of a shard directory, chosen by `seed`."""
+    shards = open_shards(path)
+    manifest = Path(path) / MANIFEST_NAME
+    if shards.tokenizer_sha256 != tokenizer_sha256:
+        raise CalibrationError(
+            f"{manifest}: shards were tokenized with tokenizer sha256 {shards.tokenizer_sha256[:12]}..., the model's "
+            f"is {tokenizer_sha256[:12]}...; prepare shards with the model's tokenizer or pass --tokenizer"
+        )
+    if length > shards.seq_len:
+        raise CalibrationError(f"{manifest}: sequences hold {shards.seq_len} tokens, --calib-len {length} is longer")
+    if num_samples > len(shards):
+        raise CalibrationError(f"{manifest}: {len(shards)} sequences, {num_samples} calibration samples asked")
+    rng = random.Random(seed)
+    windows = []
+    for index in rng.sample(range(len(shards)), num_samples):
+        start = rng.randint(0, shards.seq_len - length)
+        windows.append(torch.from_numpy(shards[index][start : start + length]))
+    return torch.stack(windows)
 
 
 def read_documents(path: str | Path, field: str = "text") -> list[str]:
