@@ -177,6 +177,11 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path, tokenizer_model):
     assert not (tmp_path / "out").exists()
 
 
+def test_pruning_refuses_to_overwrite_its_source(model_dir):
+    with pytest.raises(ValueError, match="would overwrite"):
+        prune(prune_config(model_dir, model_dir))
+
+
 def test_remove_blocks_refuses_bad_indices():
     model = build_tiny_llama(num_layers=3)
     with pytest.raises(ValueError, match="out of range"):

@@ -8,7 +8,7 @@ are). Removing k blocks removes k * P_block of P_total parameters; we remove the
 i.e. the removed fraction, rounded to the nearest whole percent, does not exceed R. The half-point tolerance is
 there because published ratios are whole percents of an integer number of blocks: for Vicuna-7B
 (P_block = 202,383,360, P_total = 6,738,415,616) 15 blocks remove 45.05% and 20 blocks 60.07%, which the paper
-calls 45% and 60%, while 7 blocks (21.03%) are not "20%" and 27 blocks (81.09%) are not "80%". This gives the
+calls 45% and 60%, while 7 blocks (21.02%) are not "20%" and 27 blocks (81.09%) are not "80%". This gives the
 published 26 / 17 / 12 / 6 blocks kept at 20 / 45 / 60 / 80 %; a strict `<= R` would keep 18 and 13 instead.
 """
 from __future__ import annotations

@@ -40,6 +40,8 @@ def prune(config: PruneConfig, command: str = "") -> dict:
     """Prune `config.model` into `config.out`; returns the report that is also written to prune_report.json."""
     started = time.time()
     model_dir = resolve_model_dir(config.model)
+    if Path(config.out).resolve() == model_dir.resolve():
+        raise ValueError(f"--out {config.out} is the source model's directory; pruning would overwrite it")
     tokenizer_source = Path(config.tokenizer) if config.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_source)
     device = resolve_device(config.device)
