@@ -25,6 +25,7 @@ from shortened.tokenizer import load_tokenizer
 # Small and quick for CI: 24 examples, batch 4 (2 x 2), 2 epochs = 12 steps; a higher lr than the recipe's 1e-4 so
 # that a few steps move a randomly initialised model visibly.
 TEST_RECIPE = dict(micro_batch_size=2, grad_accum=2, cutoff_len=128, lr=3e-3, warmup_steps=2)
+RESUME_TEST = dict(save_every_steps=1, keep_last=3)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,14 @@ def alpaca_file(tmp_path_factory):
 def base_dir(model_dir):
     """LoRA needs a model with something learnt: a random tiny Llama's logits are too flat for adapters to move."""
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def reference_run(base_dir, alpaca_file, tmp_path_factory):
+    """One uninterrupted run, checkpointing every step: checked itself, and the yardstick of the resumed run."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    merged = train_lora(lora_config(base_dir, alpaca_file, out, **RESUME_TEST))
+    return out, merged
 
 
 def lora_config(base_dir, alpaca_file, out, **overrides) -> LoraTrainConfig:
@@ -90,9 +99,9 @@ def test_step_plan_covers_each_epoch_once():
     assert plan.micro_batches(0) != plan.micro_batches(3)  # a new order every epoch
 
 
-def test_loss_falls_and_merged_model_equals_adapter_model(base_dir, alpaca_file, tmp_path, tokenizer_model):
-    out = tmp_path / "run"
-    merged_dir = train_lora(lora_config(base_dir, alpaca_file, out))
+def test_loss_falls_and_merged_model_equals_adapter_model(reference_run, base_dir, alpaca_file, tmp_path,
+                                                          tokenizer_model):
+    out, merged_dir = reference_run
     log = log_of(out)
     assert [r["step"] for r in log] == list(range(1, 13))
     first_epoch = sum(r["loss"] for r in log[:6]) / 6
@@ -126,14 +135,13 @@ def test_loss_falls_and_merged_model_equals_adapter_model(base_dir, alpaca_file,
     assert load_tokenizer(merged_dir).sha256 == tokenizer.sha256
 
 
-def test_kill_9_then_resume_equals_the_uninterrupted_run(base_dir, alpaca_file, tmp_path):
-    reference = tmp_path / "reference"
-    train_lora(lora_config(base_dir, alpaca_file, reference, save_every_steps=1, keep_last=3))
-
+def test_kill_9_then_resume_equals_the_uninterrupted_run(reference_run, base_dir, alpaca_file, tmp_path):
+    reference, _ = reference_run
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "lora.py"), "--model", str(base_dir), "--data", str(alpaca_file),
-           "--out", str(out), "--save-every-steps", "1", "--keep-last", "3"]
-    cmd += [arg for key, value in TEST_RECIPE.items() for arg in ("--" + key.replace("_", "-"), str(value))]
+           "--out", str(out)]
+    cmd += [arg for key, value in {**TEST_RECIPE, **RESUME_TEST}.items()
+            for arg in ("--" + key.replace("_", "-"), str(value))]
     victim = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     while not (out / "checkpoints" / "step_00000003" / "complete.json").exists():
@@ -160,7 +168,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(base_dir, alpaca_file, 
     assert len(complete_checkpoints(out / "checkpoints")) == 3  # keep_last, the torn directory aside
 
     with pytest.raises(ResumeMismatch, match="another configuration"):
-        train_lora(lora_config(base_dir, alpaca_file, out, save_every_steps=1, keep_last=3, lr=1e-3))
+        train_lora(lora_config(base_dir, alpaca_file, out, **RESUME_TEST, lr=1e-3))
 
 
 def test_bad_instruction_data_names_file_and_record(tmp_path):
