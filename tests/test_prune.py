@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, Qwen2Config
 
 from conftest import ROOT, subprocess_env
 from prune_fixtures import CALIB, CALIB_LEN, CALIB_SAMPLES, IDENTITY, NUM_LAYERS, model_dir, windows  # noqa: F401
@@ -148,18 +148,27 @@ def test_skip_blocks_restores_the_model(model_dir, windows):
     assert torch.equal(before, after)
 
 
-def test_qwen2_sliding_layers_are_trimmed_and_kv_cache_works(tmp_path, tokenizer_model):
-    config = Qwen2Config(vocab_size=32_000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
-                         max_window_layers=2, layer_types=["full_attention", "sliding_attention"] * 2)
+def small_config(family: str):
+    shape = dict(vocab_size=32_000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    if family == "qwen2":  # alternating full / sliding-window attention, listed per layer in layer_types
+        return Qwen2Config(**shape, use_sliding_window=True, max_window_layers=2,
+                           layer_types=["full_attention", "sliding_attention"] * 2)
+    return MistralConfig(**shape)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_layout_families_prune_with_working_kv_cache(family, tmp_path, tokenizer_model):
     torch.manual_seed(0)
-    original = Qwen2ForCausalLM(config).eval()
-    original.save_pretrained(tmp_path / "qwen")  # no tokenizer in the directory: --tokenizer supplies it
-    report = prune(prune_config(tmp_path / "qwen", tmp_path / "out", criterion="magnitude", remove=1,
+    original = AutoModelForCausalLM.from_config(small_config(family)).eval()
+    original.save_pretrained(tmp_path / family)  # no tokenizer in the directory: --tokenizer supplies it
+    report = prune(prune_config(tmp_path / family, tmp_path / "out", criterion="magnitude", remove=1,
                                 protect_first=1, protect_last=2, tokenizer=str(tokenizer_model)))
     assert report["removed_blocks"] == [1]
     pruned = load(tmp_path / "out")
-    assert pruned.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
+    assert pruned.config.model_type == family and pruned.config.num_hidden_layers == 3
+    if family == "qwen2":
+        assert pruned.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
     ids = torch.randint(3, 32_000, (2, 24), generator=torch.Generator().manual_seed(0))  # longer than the window
     with torch.no_grad():
         skip_by_hooks(original, [1])
