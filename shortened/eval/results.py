@@ -45,7 +45,7 @@ def append_rows(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = "".join(json.dumps(row, allow_nan=True) + "\n" for row in rows).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         if _ends_without_newline(fd):
             blob = b"\n" + blob  # a torn line from an older writer stays on its own line and is skipped on read
