@@ -24,3 +24,21 @@ def write_checkpoint(run_dir: Path, step: int, tokens: int, seed: int, complete:
         (path / "complete.json").write_text(json.dumps({"step": step, "tokens": tokens, "consumed_samples": step,
                                                         "time": 0.0}))
     return path
+
+
+def dist_worker(out_dir: str, config_json: str) -> None:
+    """One rank of the sharded-evaluation test: gloo over the launcher's env, the suite, rows to rank<N>.json."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from shortened.eval.dist import EvalGroups
+    from shortened.eval.suite import EvalSuite
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    config = EvalConfig(**json.loads(config_json))
+    groups = EvalGroups.from_default_group(config.collective_timeout_s)
+    rows = EvalSuite(config, TOKENIZER_MODEL, groups).run(build_tiny_llama(seed=11, num_layers=2))
+    Path(out_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()

@@ -18,6 +18,21 @@ import torch
 import torch.distributed as dist
 
 
+class PeerFailure(RuntimeError):
+    """A collective of the work group failed or timed out: most likely another rank failed first."""
+
+
+def _collective(fn):
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as err:
+            raise PeerFailure(f"rank {self.rank} gave up waiting for the other ranks in {fn.__name__}: {err}") from err
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
 @dataclass
 class EvalGroups:
     rank: int
@@ -53,6 +68,7 @@ class EvalGroups:
         except Exception:  # a group left mid-operation may refuse a clean shutdown; it is never used again
             pass
 
+    @_collective
     def all_gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor from every rank along dim 0 (gloo: via CPU, returned on the input's device)."""
         cpu = tensor.detach().cpu().reshape(-1, *tensor.shape[1:]) if tensor.dim() else tensor.detach().cpu().reshape(1)
@@ -60,10 +76,12 @@ class EvalGroups:
         dist.all_gather(parts, cpu, group=self.work)
         return torch.cat(parts).to(tensor.device)
 
+    @_collective
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         result = [None] * self.world_size if self.rank == dst else None
         dist.gather_object(obj, result, dst=dst, group=self.work)
         return result
 
+    @_collective
     def barrier(self) -> None:
         dist.barrier(group=self.work)

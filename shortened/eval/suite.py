@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shortened.config import EvalConfig
-from shortened.eval.dist import EvalGroups
+from shortened.eval.dist import EvalGroups, PeerFailure
 from shortened.eval.perplexity import PerplexityResult, task_windows
 from shortened.eval.results import ZERO_SHOT_MEAN, failed_row, ok_row
 from shortened.eval.rng import preserved_rng
@@ -87,16 +87,19 @@ class EvalSuite:
         local, error = None, None
         try:
             local = work()
+        except PeerFailure as err:
+            error = (False, str(err))  # a consequence: another rank's error is the one to report
         except Exception:
-            error = f"rank {self.rank}: {traceback.format_exc()}"
+            error = (True, f"rank {self.rank}: {traceback.format_exc()}")
         parts = self.groups.agree((local, error)) if self.groups else [(local, error)]
-        errors = [e for _, e in parts if e]
+        errors = sorted((e for _, e in parts if e), key=lambda e: not e[0])
         if not errors:
             return [p for p, _ in parts], []
         if self.groups:
             self.groups.renew_work_group()
-        log.error("evaluation task %s failed:\n%s", spec.name, errors[0])
-        return [], [failed_row(spec.name, spec.metric, errors[0], time.perf_counter() - start)]
+        message = "\n".join(text for _, text in errors)
+        log.error("evaluation task %s failed:\n%s", spec.name, message)
+        return [], [failed_row(spec.name, spec.metric, message, time.perf_counter() - start)]
 
     def _zero_shot_rows(self, spec: LmEvalTask, result, seconds: float) -> list[dict[str, Any]]:
         metrics, samples = result
