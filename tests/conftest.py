@@ -45,3 +45,51 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(extra)
     return env
+
+
+def read_original_documents(root: Path) -> list[dict]:
+    """The raw records of every .jsonl.zst under root, in sorted path order, read independently of our code."""
+    import io
+    import json
+
+    import zstandard
+
+    records = []
+    for path in sorted(root.rglob("*.jsonl.zst")):
+        with open(path, "rb") as handle:
+            text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(handle), encoding="utf-8")
+            records.extend(json.loads(line) for line in text)
+    return records
+
+
+def shard_documents(shards_dir: Path) -> tuple[list[list[int]], list[int]]:
+    """Complete documents (ids between <s> and </s>) recovered from shards via the recorded document starts,
+    plus the ids of a final document cut by the dropped partial sequence."""
+    import numpy as np
+
+    from shortened.data.shards import Shard, read_manifest
+
+    manifest = read_manifest(shards_dir)
+    streams, starts, offset = [], [], 0
+    for entry in manifest["shards"]:
+        shard = Shard(shards_dir / entry["file"])
+        streams.append(np.asarray(shard.tokens).reshape(-1))
+        starts.append(np.asarray(shard.doc_starts) + offset)
+        offset += shard.header.num_tokens
+    stream = np.concatenate(streams).tolist()
+    bounds = np.concatenate(starts).tolist() + [len(stream)]
+    docs = [stream[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    tail = docs.pop() if docs and docs[-1][-1] != manifest["eos_id"] else []
+    return docs, tail
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory, slimpajama_sample, tokenizer_model) -> Path:
+    """The shared SlimPajama train sample prepared once with the real tokenizer (seq_len 2048, 2 workers)."""
+    from shortened.data.prepare import PrepareConfig, prepare_shards
+
+    out = tmp_path_factory.mktemp("sample_shards")
+    prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="train", tokenizer=str(tokenizer_model),
+                                 output=str(out), seq_len=2048, workers=2, progress=False,
+                                 verbose=False))
+    return out

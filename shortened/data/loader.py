@@ -1,0 +1,44 @@
+"""The training loader: packed sequences from shards in the global order, this rank's slice, resumable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from shortened.data.sampler import GlobalOrderSampler
+from shortened.data.shards import PackedShards
+
+
+class SequenceDataset(Dataset):
+    """Map-style: item i is packed sequence i as `input_ids` (labels are the same ids; the model shifts)."""
+
+    def __init__(self, shards: PackedShards) -> None:
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.from_numpy(self.shards[index]), "sample_index": torch.tensor(index)}
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def build_train_loader(shards_dir: str | Path, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                       dp_world_size: int, seed: int, consumed_samples: int = 0, num_workers: int = 0,
+                       pin_memory: bool = False) -> DataLoader:
+    """An endless loader of micro-batches; `consumed_samples` (global, at a step boundary) is where it starts."""
+    shards = PackedShards(shards_dir)
+    sampler = GlobalOrderSampler(len(shards), global_batch_size, micro_batch_size, dp_rank, dp_world_size, seed,
+                                 consumed_samples)
+    return DataLoader(
+        SequenceDataset(shards),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

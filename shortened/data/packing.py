@@ -1,0 +1,57 @@
+"""Packing: documents as `<s> ids </s>`, concatenated and cut into fixed-length sequences with no padding.
+
+Offline preparation and the streaming loader both pack through `TokenBuffer`, so they produce the same
+sequences from the same documents.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+def frame_document(ids: list[int], bos_id: int, eos_id: int) -> list[int]:
+    return [bos_id, *ids, eos_id]
+
+
+def doc_starts_from_lengths(doc_lens: np.ndarray) -> np.ndarray:
+    """Offsets at which each document begins in the concatenation of documents of these lengths."""
+    starts = np.zeros(len(doc_lens), dtype=np.int64)
+    if len(doc_lens) > 1:
+        np.cumsum(doc_lens[:-1], out=starts[1:])
+    return starts
+
+
+class TokenBuffer:
+    """A FIFO of tokens that remembers where documents start, popped in whole sequences."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self._chunks: deque[tuple[np.ndarray, np.ndarray]] = deque()  # (tokens, doc starts within them)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
+        if len(tokens):
+            self._chunks.append((np.asarray(tokens, dtype=self.dtype), np.asarray(doc_starts, dtype=np.int64)))
+            self._size += len(tokens)
+
+    def pop(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `count` tokens and the document starts among them (relative to the first popped token)."""
+        if count > self._size:
+            raise ValueError(f"asked for {count} tokens, {self._size} buffered")
+        parts, starts, taken = [], [], 0
+        while taken < count:
+            tokens, doc_starts = self._chunks.popleft()
+            need = count - taken
+            if len(tokens) > need:
+                cut = int(np.searchsorted(doc_starts, need))
+                self._chunks.appendleft((tokens[need:], doc_starts[cut:] - need))
+                tokens, doc_starts = tokens[:need], doc_starts[:cut]
+            parts.append(tokens)
+            starts.append(doc_starts + taken)
+            taken += len(tokens)
+        self._size -= count
+        return np.concatenate(parts), np.concatenate(starts)
