@@ -2,7 +2,8 @@
 
     python launch/eval_watch.py --run RUN_DIR [--every-tokens T] [--once] [eval.data_dir=DIR ...]
 
-Settings come from the `eval:` section of RUN_DIR/config.yaml (or --config), then the eval.key=value overrides.
+Settings come from the `eval:` section (and data.validation_path) of RUN_DIR/config.yaml or --config, then the
+eval.key=value / data.validation_path=DIR overrides.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML with an eval: section (default RUN_DIR/config.yaml)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
-    parser.add_argument("overrides", nargs="*", help="eval.key=value")
+    parser.add_argument("overrides", nargs="*", help="eval.key=value, data.validation_path=DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_watch_config(args.run, args.config, args.overrides)
-    watch(args.run, config, every_tokens=int(args.every_tokens), once=args.once, device=args.device, dtype=args.dtype)
+    config, validation_path = load_watch_config(args.run, args.config, args.overrides)
+    watch(args.run, config, every_tokens=int(args.every_tokens), once=args.once, device=args.device, dtype=args.dtype,
+          validation_path=validation_path)
     return 0
 
 

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--task-file", help="task table (default shortened/eval/tasks.yaml)")
     parser.add_argument("--config", help="YAML of eval settings (the keys of EvalConfig)")
+    parser.add_argument("--validation-shards", default="", help="held-out token shards: adds the validation loss")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
     args = parser.parse_args(argv)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         ("batch_size", args.batch_size), ("task_file", args.task_file)) if value is not None]
     config = load_config(EvalConfig, args.config, overrides)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = evaluate_model(args.model, config, args.device, args.dtype, args.output)
+    rows = evaluate_model(args.model, config, args.device, args.dtype, args.output, args.validation_shards)
     return 1 if any(row["status"] != "ok" for row in rows) else 0
 
 

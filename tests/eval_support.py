@@ -26,7 +26,7 @@ def write_checkpoint(run_dir: Path, step: int, tokens: int, seed: int, complete:
     return path
 
 
-def dist_worker(out_dir: str, config_json: str) -> None:
+def dist_worker(out_dir: str, config_json: str, validation_path: str) -> None:
     """One rank of the sharded-evaluation test: gloo over the launcher's env, the suite, rows to rank<N>.json."""
     import os
     from datetime import timedelta
@@ -39,6 +39,6 @@ def dist_worker(out_dir: str, config_json: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     config = EvalConfig(**json.loads(config_json))
     groups = EvalGroups.from_default_group(config.collective_timeout_s)
-    rows = EvalSuite(config, TOKENIZER_MODEL, groups).run(build_tiny_llama(seed=11, num_layers=2))
+    rows = EvalSuite(config, TOKENIZER_MODEL, groups, validation_path).run(build_tiny_llama(seed=11, num_layers=2))
     Path(out_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(rows))
     dist.destroy_process_group()

@@ -10,6 +10,7 @@ import yaml
 from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, free_port, subprocess_env
 
 from shortened.config import EvalConfig
+from shortened.data.prepare import PrepareConfig, prepare_shards
 from shortened.eval.suite import EvalSuite
 from shortened.modeling import build_tiny_llama
 
@@ -35,10 +36,14 @@ def _mirror_with_rank_local_fault(tmp_path):
                 task_file=str(tmp_path / "tasks.yaml"), collective_timeout_s=TIMEOUT_S)
 
 
-def test_two_ranks_match_one_and_survive_a_rank_local_failure(tmp_path):
+def test_two_ranks_match_one_and_survive_a_rank_local_failure(tmp_path, slimpajama_sample):
     settings = _mirror_with_rank_local_fault(tmp_path)
+    shards = tmp_path / "val_shards"
+    prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="validation", tokenizer=str(TOKENIZER_MODEL),
+                                 output=str(shards), seq_len=128, progress=False, verbose=False))
     port = str(free_port())
-    code = f"from eval_support import dist_worker; dist_worker({str(tmp_path)!r}, {json.dumps(settings)!r})"
+    code = (f"from eval_support import dist_worker; "
+            f"dist_worker({str(tmp_path)!r}, {json.dumps(settings)!r}, {str(shards)!r})")
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "tests", stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
@@ -63,14 +68,16 @@ def test_two_ranks_match_one_and_survive_a_rank_local_failure(tmp_path):
     assert "rank 0 gave up waiting for the other ranks" in bad["error"]
     assert elapsed < 200 and bad["seconds"] >= TIMEOUT_S * 0.9  # rank 0 gave up waiting after the timeout
 
-    single = EvalSuite(EvalConfig(**settings), TOKENIZER_MODEL).run(build_tiny_llama(seed=11, num_layers=2))
+    single = EvalSuite(EvalConfig(**settings), TOKENIZER_MODEL, validation_path=shards).run(
+        build_tiny_llama(seed=11, num_layers=2))
     single = {(r["task"], r["metric"]): r for r in single}
     assert single[("arc_bad", "acc")]["status"] == "failed"
     for key in [("boolq", "acc"), ("arc_easy", "acc"), ("arc_easy", "acc_norm")]:
         assert sharded[key]["status"] == "ok" and sharded[key]["samples"] == 8
         assert sharded[key]["value"] == single[key]["value"], key
         assert abs(sharded[key]["stderr"] - single[key]["stderr"]) < 1e-12, key
-    ppl, ref = sharded[("wikitext2", "ppl")], single[("wikitext2", "ppl")]
-    assert ppl["status"] == "ok" and ppl["samples"] == ref["samples"] == 8 * 127
-    # float32 logits of differently composed batches (4 windows per rank vs 8 on one) agree to ~1e-7
-    assert abs(ppl["value"] - ref["value"]) / ref["value"] < 1e-5
+    for key in [("wikitext2", "ppl"), ("validation", "loss")]:
+        got, ref = sharded[key], single[key]
+        assert got["status"] == "ok" and got["samples"] == ref["samples"] == 8 * 127, key
+        # float32 logits of differently composed batches (4 windows per rank vs 8 on one) agree to ~1e-7
+        assert abs(got["value"] - ref["value"]) / ref["value"] < 1e-5, key

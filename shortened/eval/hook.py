@@ -1,6 +1,7 @@
 """The trainer's inline evaluation hook.
 
-    evaluator = InlineEvaluator(config.eval, run_dir, tokenizer_file)      # on every rank, same point
+    evaluator = InlineEvaluator(config.eval, run_dir, tokenizer_file,      # on every rank, same point
+                                validation_path=config.data.validation_path)
     ...
     if evaluator.due(step, tokens, tokens_per_step):
         evaluator(engine.module, step, tokens)                            # on every rank
@@ -28,16 +29,17 @@ log = logging.getLogger(__name__)
 
 class InlineEvaluator:
     def __init__(self, config: EvalConfig, run_dir: str | Path, tokenizer_file: str | Path,
-                 run_name: str | None = None) -> None:
+                 validation_path: str | Path = "", run_name: str | None = None) -> None:
         """Collective when torch.distributed is initialized: build it on every rank at the same point.
 
+        `validation_path`: the run's held-out token shards (data.validation_path), scored as one more task.
         Raises ConfigError for an unknown task or a bad task table, so a typo stops the job at start-up.
         """
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_name = run_name or self.run_dir.name
         self.groups = EvalGroups.from_default_group(config.collective_timeout_s)
-        self.suite = EvalSuite(config, tokenizer_file, self.groups)
+        self.suite = EvalSuite(config, tokenizer_file, self.groups, validation_path)
 
     @property
     def results_path(self) -> Path:

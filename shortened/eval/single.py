@@ -29,12 +29,12 @@ def resolve_model_dir(ref: str) -> Path:
 
 
 def evaluate_model(model_ref: str, config: EvalConfig, device: str | None = None, dtype: str = "auto",
-                   output: str | Path | None = None) -> list[dict[str, Any]]:
+                   output: str | Path | None = None, validation_path: str = "") -> list[dict[str, Any]]:
     """Run the suite on one model, print the paper-style table, write `{task: {metric: value}}` to `output`."""
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(model_ref)
-    suite = EvalSuite(config, model_dir)  # bad task names fail before the model is loaded
+    suite = EvalSuite(config, model_dir, validation_path=validation_path)  # bad task names fail before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     rows = stamp(suite.run(model), run=str(model_ref), step=0, tokens=0, source="evaluate")

@@ -28,9 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class EvalSuite:
-    def __init__(self, config: EvalConfig, tokenizer_file: str | Path, groups: EvalGroups | None = None) -> None:
-        """Bad task names or a bad task table raise ConfigError here, at start-up, not at the first evaluation."""
+    def __init__(self, config: EvalConfig, tokenizer_file: str | Path, groups: EvalGroups | None = None,
+                 validation_path: str | Path = "") -> None:
+        """Bad task names or a bad task table raise ConfigError here, at start-up, not at the first evaluation.
+
+        `validation_path`: held-out token shards (data.validation_path); their loss is one more task when given.
+        """
         self.config = config
+        self.validation_path = str(validation_path or "")
         self.tokenizer_file = _sentencepiece_file(tokenizer_file)
         self.specs: list[TaskSpec] = select_tasks(load_task_table(config.task_file), config.tasks)
         self.groups = groups
@@ -48,6 +53,8 @@ class EvalSuite:
             try:
                 for spec in self.specs:
                     rows += self._run_task(model, spec)
+                if self.validation_path:
+                    rows += self._validation_rows(model)
             finally:
                 self._lm = None  # the harness wrapper holds the model; never keep it past this evaluation
         return rows + self._mean_rows(rows)
@@ -68,11 +75,11 @@ class EvalSuite:
             from shortened.eval.zero_shot import evaluate_task
 
             parts, failed = self._attempt(
-                spec, lambda: evaluate_task(self._harness(model), spec, self.config.data_dir, self.config.limit))
+                spec.name, spec.metric, lambda: evaluate_task(self._harness(model), spec, self.config.data_dir, self.config.limit))
             if failed:
                 return failed
             return self._zero_shot_rows(spec, parts[0], time.perf_counter() - start)
-        parts, failed = self._attempt(spec, lambda: self._perplexity_sums(model, spec))
+        parts, failed = self._attempt(spec.name, spec.metric, lambda: self._perplexity_sums(model, spec))
         if failed:
             return failed
         result = PerplexityResult.from_sums(sum(p[0] for p in parts), sum(p[1] for p in parts))
@@ -81,7 +88,7 @@ class EvalSuite:
                 ok_row(spec.name, "nll", result.nll, primary=False, samples=result.tokens,
                        seconds=time.perf_counter() - start)]
 
-    def _attempt(self, spec: TaskSpec, work) -> tuple[list[Any], list[dict[str, Any]]]:
+    def _attempt(self, task: str, metric: str, work) -> tuple[list[Any], list[dict[str, Any]]]:
         """(every rank's result of `work`, []), or ([], a failed row) when any rank failed, logged with its traceback."""
         start = time.perf_counter()
         local, error = None, None
@@ -98,8 +105,8 @@ class EvalSuite:
         if self.groups:
             self.groups.renew_work_group()
         message = "\n".join(text for _, text in errors)
-        log.error("evaluation task %s failed:\n%s", spec.name, message)
-        return [], [failed_row(spec.name, spec.metric, message, time.perf_counter() - start)]
+        log.error("evaluation task %s failed:\n%s", task, message)
+        return [], [failed_row(task, metric, message, time.perf_counter() - start)]
 
     def _zero_shot_rows(self, spec: LmEvalTask, result, seconds: float) -> list[dict[str, Any]]:
         metrics, samples = result
@@ -122,6 +129,23 @@ class EvalSuite:
         windows = windows[: self.config.limit] if self.config.limit else windows
         world = self.groups.world_size if self.groups else 1
         return nll_sum(model, windows, self.config.batch_size, self.rank, world, desc=spec.name)
+
+    def _validation_rows(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        from shortened.eval import validation
+
+        start = time.perf_counter()
+        world = self.groups.world_size if self.groups else 1
+
+        def work() -> tuple[float, int]:
+            shards = validation.open_validation_shards(self.validation_path, self.tokenizer_file)
+            return validation.validation_nll(model, shards, self.config.batch_size, self.rank, world, self.config.limit)
+
+        parts, failed = self._attempt(validation.TASK, validation.METRIC, work)
+        if failed:
+            return failed
+        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return [ok_row(validation.TASK, validation.METRIC, total / count, primary=True, samples=count,
+                       seconds=time.perf_counter() - start)]
 
     def _mean_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The plain mean of the reported metric of every zero-shot task marked `in_mean` (failed if one failed)."""

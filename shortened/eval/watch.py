@@ -148,13 +148,13 @@ def load_model(checkpoint: Checkpoint, device: str, dtype: str = "auto") -> torc
 
 
 def evaluate_checkpoint(checkpoint: Checkpoint, config: EvalConfig, run_name: str, device: str,
-                        dtype: str = "auto") -> list[dict[str, Any]] | None:
+                        dtype: str = "auto", validation_path: str = "") -> list[dict[str, Any]] | None:
     """The checkpoint's stamped rows; a checkpoint that cannot be loaded gives a failed row, one that vanished
     (rotated away by the trainer) before it was loaded gives None."""
     start = time.perf_counter()
     try:
         model = load_model(checkpoint, device, dtype)
-        rows = EvalSuite(config, checkpoint.model_dir).run(model)
+        rows = EvalSuite(config, checkpoint.model_dir, validation_path=validation_path).run(model)
     except Exception:
         if not (checkpoint.path / COMPLETE_MARKER).is_file():
             log.warning("%s was deleted while loading (checkpoint rotation); not recording it", checkpoint.path)
@@ -167,7 +167,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, config: EvalConfig, run_name: st
 
 
 def watch(run_dir: str | Path, config: EvalConfig, every_tokens: int = 0, once: bool = False,
-          device: str | None = None, dtype: str = "auto") -> int:
+          device: str | None = None, dtype: str = "auto", validation_path: str = "") -> int:
     """Poll `run_dir` and evaluate new complete checkpoints; with `once`, stop when none is left. Returns how many."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -183,7 +183,7 @@ def watch(run_dir: str | Path, config: EvalConfig, every_tokens: int = 0, once: 
         while True:
             for checkpoint in pending(complete_checkpoints(run_dir), state, every_tokens):
                 log.info("evaluating %s (step %d, %d tokens)", checkpoint.tag, checkpoint.step, checkpoint.tokens)
-                rows = evaluate_checkpoint(checkpoint, config, run_dir.name, device, dtype)
+                rows = evaluate_checkpoint(checkpoint, config, run_dir.name, device, dtype, validation_path)
                 if rows is None:
                     continue
                 append_rows(run_dir / RESULTS_FILE, rows)
@@ -196,23 +196,24 @@ def watch(run_dir: str | Path, config: EvalConfig, every_tokens: int = 0, once: 
 
 
 def load_watch_config(run_dir: str | Path, config_file: str | Path | None = None,
-                      overrides: Sequence[str] = ()) -> EvalConfig:
-    """The `eval:` section of the run's config.yaml (or of `config_file`), with `eval.key=value` overrides."""
+                      overrides: Sequence[str] = ()) -> tuple[EvalConfig, str]:
+    """The `eval:` section and `data.validation_path` of the run's config.yaml (or of `config_file`), with
+    `eval.key=value` / `data.validation_path=DIR` overrides."""
     path = Path(config_file) if config_file else Path(run_dir) / "config.yaml"
-    raw = {"eval": {}}
+    loaded: dict[str, Any] = {}
     if path.is_file():
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping with an 'eval:' section")
-        raw["eval"] = loaded.get("eval") or {}
     elif config_file:
         raise ConfigError(f"{path}: no such config file")
+    raw = {"eval": loaded.get("eval") or {}, "data": {"validation_path": (loaded.get("data") or {}).get("validation_path", "")}}
     for item in overrides:
-        if not item.startswith("eval."):
-            raise ConfigError(f"override {item!r}: the watcher takes eval.<key>=<value> overrides only")
+        if not (item.startswith("eval.") or item.startswith("data.validation_path=")):
+            raise ConfigError(f"override {item!r}: the watcher takes eval.<key>=<value> and data.validation_path=<dir>")
         apply_override(raw, item)
     source = f"{path}" + (f" + overrides {' '.join(overrides)}" if overrides else "")
-    return from_dict(EvalConfig, raw["eval"], source=source, prefix="eval.")
+    return from_dict(EvalConfig, raw["eval"], source=source, prefix="eval."), str(raw["data"]["validation_path"] or "")
 
 
 def clean_launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
