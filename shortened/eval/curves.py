@@ -38,8 +38,12 @@ def plot_curves(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     matplotlib.use("Agg")  # files only: no display on cluster nodes
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter
+
     series = collect(run_dirs)
-    panels = sorted(series, key=lambda p: (_is_perplexity(p), p.startswith(ZERO_SHOT_MEAN), p))
+    # zero-shot tasks in the order the suite ran them, then their mean, then perplexities and losses
+    panels = sorted(series, key=lambda p: (_is_perplexity(p) or p.startswith("validation"),
+                                           p.startswith(ZERO_SHOT_MEAN)))
     columns = min(4, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
@@ -48,8 +52,10 @@ def plot_curves(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
             ax.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, label=run)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("training tokens")
-        if _is_perplexity(panel):
-            ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
+        values = [v for points in series[panel].values() for _, v in points]
+        if _is_perplexity(panel) and min(values) > 0 and max(values) / min(values) > 3:
+            ax.set_yscale("log")  # a pruned model starts at a PPL many times its final one
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
@@ -60,6 +66,13 @@ def plot_curves(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return output
+
+
+def _tokens(x: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:g}{suffix}"
+    return f"{x:g}"
 
 
 def _is_perplexity(panel: str) -> bool:
