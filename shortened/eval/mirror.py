@@ -59,6 +59,11 @@ def write_lm_eval_overrides(specs: Sequence[LmEvalTask], data_dir: str | Path, o
     names = {}
     for spec in specs:
         base = load_yaml(spec.lm_eval_task, resolve_func=False)
+        if base.get("output_type") == "loglikelihood_rolling":
+            # HFLM puts <s> before the rolling windows itself and, with add_bos_token (the LLaMA protocol for every
+            # other request), once more in front of the text: two <s>. Perplexity is scored by kind: perplexity.
+            raise ConfigError(f"task table: tasks.{spec.name}: {spec.lm_eval_task} is a loglikelihood_rolling task, "
+                              "which lm-eval would score after two <s>; use kind: perplexity for perplexities")
         override = {
             "include": str(spec.lm_eval_task),
             "task": lm_eval_task_name(spec),

@@ -12,11 +12,13 @@ from tqdm import tqdm
 def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
     """Sum of -log p(token | window prefix) over tokens 1.. of each window (token 0 is context only), and their count."""
     with torch.no_grad():
-        logits = model(input_ids=windows).logits[:, :-1]
-        targets = windows[:, 1:]
-        # float32 log-softmax: bf16 logits would round the loss of a 32k-way softmax
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-    return float(loss.double()), targets.numel()
+        logits = model(input_ids=windows).logits
+        # Targets shifted in place of the logits (the last position ignored): slicing [B, T, 32k] logits instead
+        # would copy them. float32 log-softmax: bf16 would round the loss of a 32k-way softmax.
+        targets = torch.full_like(windows, -100)
+        targets[:, :-1] = windows[:, 1:]
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), reduction="sum")
+    return float(loss.double()), windows.numel() - windows.size(0)
 
 
 def nll_sum(model: torch.nn.Module, windows: Sequence[np.ndarray], batch_size: int, rank: int = 0,

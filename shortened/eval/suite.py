@@ -154,7 +154,7 @@ class EvalSuite:
             return []
         values = {r["task"]: r["value"] for r in rows if r["status"] == "ok" and r["primary"]}
         missing = [s.name for s in members if s.name not in values]
-        seconds = sum(r["seconds"] for r in rows if r["task"] in {s.name for s in members})
+        seconds = sum(r["seconds"] for r in rows if r["primary"] and r["task"] in {s.name for s in members})
         if missing:
             return [failed_row(ZERO_SHOT_MEAN, "mean", f"no result for {', '.join(missing)}", seconds)]
         mean = float(np.mean([values[s.name] for s in members]))
