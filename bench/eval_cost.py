@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--every-steps", type=int, default=500, help="the evaluation interval, in optimizer steps")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on this rank")
-    parser.add_argument("--limit", type=int, default=50, help="rows per task / perplexity windows (0: the whole mirror)")
+    parser.add_argument("--limit", type=int, default=50,
+                        help="rows per task / perplexity windows (0: the whole mirror)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ppl-windows", type=int, default=64)
     args = parser.parse_args(argv)
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_tiny_llama(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.intermediate,
                              num_heads=args.heads, num_kv_heads=args.heads)
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    print(f"model: {args.layers} layers x {args.hidden} hidden, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model: {args.layers} layers x {args.hidden} hidden, {params:.1f}M "
           f"params, {args.dtype} on {args.device}; torch threads {torch.get_num_threads()}")
 
     step = step_seconds(model, args.device, args.micro_batch, args.seq_len, args.train_steps) * args.grad_accum
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     print("watch share: 0 (the watcher is its own process on other devices; the trainer only writes the HF checkpoint)")
 
     ours, theirs = ppl_throughput(model, tokenizer_file, args.ppl_windows, args.batch_size, args.device)
-    print(f"perplexity tokens/s: ours {ours:,.0f}, lm-eval loglikelihood_rolling {theirs:,.0f}, ratio {ours / theirs:.2f}x")
+    print(f"perplexity tokens/s: ours {ours:,.0f}, lm-eval loglikelihood_rolling {theirs:,.0f}, "
+          f"ratio {ours / theirs:.2f}x")
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from shortened.config import EvalConfig, load_config
 from shortened.eval.single import evaluate_model

@@ -1,4 +1,4 @@
-"""Evaluation sharded over 2 real gloo ranks: the single-process numbers, and a rank-local failure that stalls nothing."""
+"""Evaluation sharded over 2 real gloo ranks: the single-process numbers; a rank-local failure stalls nothing."""
 from __future__ import annotations
 
 import json

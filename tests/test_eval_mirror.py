@@ -78,7 +78,8 @@ def test_task_whose_splits_lm_eval_never_scores_is_refused(tmp_path):
 
 def test_rolling_loglikelihood_tasks_are_refused_for_their_double_bos(tmp_path):
     path = tmp_path / "tasks.yaml"
-    path.write_text(yaml.safe_dump({"tasks": {"wikitext": {"kind": "lm_eval", "lm_eval_task": "wikitext/wikitext.yaml",
-                                                           "metric": "word_perplexity", "splits": {"test": "w.jsonl"}}}}))
+    entry = {"kind": "lm_eval", "lm_eval_task": "wikitext/wikitext.yaml", "metric": "word_perplexity",
+             "splits": {"test": "w.jsonl"}}
+    path.write_text(yaml.safe_dump({"tasks": {"wikitext": entry}}))
     with pytest.raises(ConfigError, match="two <s>"):
         write_lm_eval_overrides(list(load_task_table(path).values()), EVAL_DATA, tmp_path / "out")

@@ -32,7 +32,8 @@ def test_windows_bos_and_partial_window_rule(tokenizer_model):
     texts = ["The tower is 324 metres tall.", "", "It was the first structure to reach 300 metres."]
     ids = stream_ids(tok, texts, "\n\n")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    assert ids.tolist() == [1] + sp.encode("The tower is 324 metres tall.\n\n\n\nIt was the first structure to reach 300 metres.")
+    joined = "The tower is 324 metres tall.\n\n\n\nIt was the first structure to reach 300 metres."
+    assert ids.tolist() == [1] + sp.encode(joined)
     windows = make_windows(ids, 8)
     assert windows.shape == (len(ids) // 8, 8) and len(ids) % 8  # this text leaves a partial window ...
     assert windows.reshape(-1).tolist() == ids[: windows.size].tolist()  # ... which is dropped
@@ -56,7 +57,8 @@ def test_suite_wikitext2_and_ptb_follow_the_protocol(tokenizer_model):
     rows = EvalSuite(eval_config(["wikitext2", "ptb"], limit=3), tokenizer_model).run(model)
     ppl = {r["task"]: r for r in rows if r["metric"] == "ppl"}
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    for task, file, field in (("wikitext2", "wikitext2/test.jsonl", "text"), ("ptb", "ptb/validation.jsonl", "sentence")):
+    sources = (("wikitext2", "wikitext2/test.jsonl", "text"), ("ptb", "ptb/validation.jsonl", "sentence"))
+    for task, file, field in sources:
         text = "\n\n".join(row[field] for row in read_rows(EVAL_DATA / file))
         head = [1] + sp.encode(text[:4000])[:3 * 128]  # the first 3 windows need only the start of the stream
         expected, _ = _hand_ppl(model, head[: 3 * 128], 128)

@@ -29,8 +29,8 @@ def test_validation_loss_is_the_mean_next_token_loss(validation_shards, tokenize
     [row] = rows
     shards = open_shards(validation_shards)
     with torch.no_grad():  # Hugging Face's own mean loss per sequence, averaged over equally long sequences
-        expected = sum(model(input_ids=torch.as_tensor(shards[i])[None], labels=torch.as_tensor(shards[i])[None]).loss.item()
-                       for i in range(5)) / 5
+        ids = [torch.as_tensor(shards[i])[None] for i in range(5)]
+        expected = sum(model(input_ids=x, labels=x).loss.item() for x in ids) / 5
     assert (row["task"], row["metric"], row["status"]) == ("validation", "loss", "ok")
     assert row["samples"] == 5 * 127 and abs(row["value"] - expected) < 1e-5
 
@@ -41,5 +41,6 @@ def test_shards_of_another_tokenizer_are_refused(validation_shards, tmp_path, to
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["tokenizer_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    [row] = EvalSuite(eval_config([], limit=2), tokenizer_model, validation_path=copy).run(build_tiny_llama(num_layers=2))
+    suite = EvalSuite(eval_config([], limit=2), tokenizer_model, validation_path=copy)
+    [row] = suite.run(build_tiny_llama(num_layers=2))
     assert row["status"] == "failed" and "tokenizer sha256" in row["error"] and "manifest.json" in row["error"]

@@ -30,7 +30,8 @@ def _run_dir(tmp_path: Path, limit: int = 4) -> Path:
 
 def _evaluated_steps(run: Path) -> Counter:
     """How many times each step was evaluated: one piqa/acc row per evaluation."""
-    return Counter(r["step"] for r in read_results(run / "results.jsonl") if (r["task"], r["metric"]) == ("piqa", "acc"))
+    rows = read_results(run / "results.jsonl")
+    return Counter(r["step"] for r in rows if (r["task"], r["metric"]) == ("piqa", "acc"))
 
 
 def test_exactly_once_across_restarts_and_incomplete_checkpoints_ignored(tmp_path):

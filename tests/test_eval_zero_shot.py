@@ -1,4 +1,4 @@
-"""Zero-shot through lm-eval: the same numbers as simple_evaluate run directly, and a measurement that means something."""
+"""Zero-shot through lm-eval: the numbers of simple_evaluate run directly, and a measurement that means something."""
 from __future__ import annotations
 
 import json

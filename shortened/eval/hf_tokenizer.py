@@ -65,7 +65,8 @@ class SentencePieceHFTokenizer(PreTrainedTokenizer):
         out.append(self.sp.decode_pieces(run))
         return "".join(out)
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int],
+                                         token_ids_1: list[int] | None = None) -> list[int]:
         bos = [self.bos_token_id] if self.add_bos_token else []
         ids = bos + token_ids_0
         return ids if token_ids_1 is None else ids + bos + token_ids_1

@@ -94,7 +94,8 @@ def read_rows(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not a JSON row ({err.msg}); re-run the mirror's prepare") from None
+                    raise ValueError(f"{path}:{number}: not a JSON row ({err.msg}); "
+                                     "write the file again with launch/prepare_eval_data.py") from None
     return rows
 
 
@@ -112,7 +113,7 @@ def hub_rows(hub: HubSource, split: str) -> Iterable[dict]:
 
 def prepare(data_dir: str | Path, specs: Sequence[TaskSpec], source: RowSource = hub_rows,
             limit: int = 0) -> dict[str, int]:
-    """Write the mirror files of `specs` under `data_dir`; return file -> rows. Each file appears whole or not at all."""
+    """Write the mirror files of `specs` under `data_dir`; return file -> rows. A file appears whole or not at all."""
     root = Path(data_dir)
     written: dict[str, int] = {}
     jobs = [(spec, split, rel) for spec in specs for split, rel in _splits(spec)]

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 
 def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """Sum of -log p(token | window prefix) over tokens 1.. of each window (token 0 is context only), and their count."""
+    """Sum of -log p(token | window prefix) over tokens 1.. of each window (token 0 is context only), and count."""
     with torch.no_grad():
         logits = model(input_ids=windows).logits
         # Targets shifted in place of the logits (the last position ignored): slicing [B, T, 32k] logits instead

@@ -34,7 +34,7 @@ def evaluate_model(model_ref: str, config: EvalConfig, device: str | None = None
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(model_ref)
-    suite = EvalSuite(config, model_dir, validation_path=validation_path)  # bad task names fail before the model is loaded
+    suite = EvalSuite(config, model_dir, validation_path=validation_path)  # bad task names fail before loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     rows = stamp(suite.run(model), run=str(model_ref), step=0, tokens=0, source="evaluate")

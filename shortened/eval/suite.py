@@ -74,8 +74,8 @@ class EvalSuite:
         if isinstance(spec, LmEvalTask):
             from shortened.eval.zero_shot import evaluate_task
 
-            parts, failed = self._attempt(
-                spec.name, spec.metric, lambda: evaluate_task(self._harness(model), spec, self.config.data_dir, self.config.limit))
+            parts, failed = self._attempt(spec.name, spec.metric, lambda: evaluate_task(
+                self._harness(model), spec, self.config.data_dir, self.config.limit))
             if failed:
                 return failed
             return self._zero_shot_rows(spec, parts[0], time.perf_counter() - start)
@@ -89,7 +89,7 @@ class EvalSuite:
                        seconds=time.perf_counter() - start)]
 
     def _attempt(self, task: str, metric: str, work) -> tuple[list[Any], list[dict[str, Any]]]:
-        """(every rank's result of `work`, []), or ([], a failed row) when any rank failed, logged with its traceback."""
+        """(every rank's result of `work`, []), or ([], a failed row) if any rank failed, logged with its traceback."""
         start = time.perf_counter()
         local, error = None, None
         try:

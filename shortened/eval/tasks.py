@@ -57,7 +57,8 @@ def load_task_table(path: str | Path | None = None) -> dict[str, TaskSpec]:
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read task table ({err.strerror}); set eval.task_file to a readable file") from None
+        raise ConfigError(f"{path}: cannot read task table ({err.strerror}); "
+                          "set eval.task_file to a readable file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: task table is not valid YAML: {err}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):

@@ -207,7 +207,8 @@ def load_watch_config(run_dir: str | Path, config_file: str | Path | None = None
             raise ConfigError(f"{path}: expected a mapping with an 'eval:' section")
     elif config_file:
         raise ConfigError(f"{path}: no such config file")
-    raw = {"eval": loaded.get("eval") or {}, "data": {"validation_path": (loaded.get("data") or {}).get("validation_path", "")}}
+    validation_path = (loaded.get("data") or {}).get("validation_path", "")
+    raw = {"eval": loaded.get("eval") or {}, "data": {"validation_path": validation_path}}
     for item in overrides:
         if not (item.startswith("eval.") or item.startswith("data.validation_path=")):
             raise ConfigError(f"override {item!r}: the watcher takes eval.<key>=<value> and data.validation_path=<dir>")
