@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from shortened.eval.watch import load_watch_config, watch
+from shortened.eval.watch import clean_launcher_env, load_watch_config, watch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
     parser.add_argument("overrides", nargs="*", help="eval.key=value, data.validation_path=DIR")
     args = parser.parse_args(argv)
+    # Never a rank of a job, even when started from inside one (torchtitan's async eval does the same).
+    for name in set(os.environ) - set(clean_launcher_env()):
+        del os.environ[name]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, validation_path = load_watch_config(args.run, args.config, args.overrides)
     watch(args.run, config, every_tokens=int(args.every_tokens), once=args.once, device=args.device, dtype=args.dtype,

@@ -172,9 +172,6 @@ def watch(run_dir: str | Path, config: EvalConfig, every_tokens: int = 0, once: 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise WatchError(f"{run_dir}: no such run directory (pass the trainer's run_dir to --run)")
-    # The watcher is never a rank of a job, even when started from inside one (torchtitan's async eval does the same).
-    os.environ.clear()
-    os.environ.update(clean_launcher_env())
     select_tasks(load_task_table(config.task_file), config.tasks)  # a typo stops the watcher now, not per checkpoint
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     done = 0
