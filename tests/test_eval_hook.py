@@ -133,7 +133,7 @@ def test_rng_and_mode_restored_even_when_everything_fails(tmp_path, tokenizer_mo
 def test_due_is_a_pure_function_of_the_step():
     def evaluator(**kwargs):
         e = InlineEvaluator.__new__(InlineEvaluator)
-        e.config = EvalConfig(mode="inline", **kwargs)
+        e.config = EvalConfig(mode="inline", data_dir="mirror", **kwargs)
         return e
 
     by_tokens = evaluator(every_tokens=1000)
@@ -141,10 +141,12 @@ def test_due_is_a_pure_function_of_the_step():
     by_steps = evaluator(every_steps=5)
     assert [s for s in range(1, 12) if by_steps.due(s, s * 300, 300)] == [5, 10]
     off = InlineEvaluator.__new__(InlineEvaluator)
-    off.config = EvalConfig(mode="watch", every_steps=1)
+    off.config = EvalConfig(mode="watch", every_steps=1, data_dir="mirror")
     assert not off.due(1, 300, 300)
 
 
-def test_unknown_task_stops_the_job_at_start_up(tmp_path, tokenizer_model):
+def test_config_mistakes_stop_the_job_at_start_up(tmp_path, tokenizer_model):
     with pytest.raises(ConfigError, match="boolqq"):
         InlineEvaluator(EvalConfig(tasks=["boolqq"]), tmp_path, tokenizer_model)
+    with pytest.raises(ConfigError, match="eval.data_dir: .*prepare_eval_data.py"):
+        EvalConfig(mode="inline", every_steps=100)
