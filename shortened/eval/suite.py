@@ -127,6 +127,8 @@ class EvalSuite:
             self._windows[spec.name] = task_windows(spec, self.config.data_dir, tokenizer, self.config.ppl_seq_len)
         windows = self._windows[spec.name]
         windows = windows[: self.config.limit] if self.config.limit else windows
+        if len(windows) == 0:
+            raise ValueError(f"{spec.file}: the text is shorter than one {self.config.ppl_seq_len}-token window")
         world = self.groups.world_size if self.groups else 1
         return nll_sum(model, windows, self.config.batch_size, self.rank, world, desc=spec.name)
 
