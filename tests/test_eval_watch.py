@@ -15,6 +15,7 @@ from conftest import EVAL_DATA, ROOT, subprocess_env
 from eval_support import write_checkpoint
 
 from shortened.config import EvalConfig
+from shortened.eval.mirror import MirrorError
 from shortened.eval.results import read_results
 from shortened.eval.watch import (Checkpoint, WatchError, WatchState, _exclusive, clean_launcher_env,
                                   complete_checkpoints, load_watch_config, pending, spawn_watcher, watch)
@@ -111,5 +112,7 @@ def test_one_watcher_per_run_and_clean_errors(tmp_path):
             watch(run, config, once=True)
     with pytest.raises(WatchError, match="no such run directory"):
         watch(tmp_path / "nope", config, once=True)
+    with pytest.raises(MirrorError, match="eval.data_dir is not set"):  # before any checkpoint is marked failed
+        watch(run, EvalConfig(tasks=["piqa"]), once=True)
     assert complete_checkpoints(run) == []
     assert "MASTER_PORT" not in clean_launcher_env({"MASTER_PORT": "1", "RANK": "0", "PATH": "/bin"})

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from shortened.config import ConfigError, EvalConfig, apply_override, from_dict
+from shortened.eval.mirror import check_mirror
 from shortened.eval.results import RESULTS_FILE, append_rows, failed_row, read_results, stamp
 from shortened.eval.suite import EvalSuite
 from shortened.eval.tasks import load_task_table, select_tasks
@@ -172,7 +173,8 @@ def watch(run_dir: str | Path, config: EvalConfig, every_tokens: int = 0, once: 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise WatchError(f"{run_dir}: no such run directory (pass the trainer's run_dir to --run)")
-    select_tasks(load_task_table(config.task_file), config.tasks)  # a typo stops the watcher now, not per checkpoint
+    # A typo or a missing mirror stops the watcher now, instead of marking every checkpoint failed.
+    check_mirror(config.data_dir, select_tasks(load_task_table(config.task_file), config.tasks))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     done = 0
     with _exclusive(run_dir):
