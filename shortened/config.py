@@ -127,14 +127,25 @@ class EvalConfig:
         ]
     )
     data_dir: str = ""  # local mirror of the evaluation datasets
-    limit: int = 0  # rows per task (0: all)
+    limit: int = 0  # rows per zero-shot task and windows per perplexity/validation set (0: all; smoke tests only)
     batch_size: int = 8
+    task_file: str = ""  # task table: lm-eval YAML, reported metric, mirror files per task ("": the shipped one)
+    ppl_seq_len: int = 128  # perplexity window, the Shortened LLaMA / LLM-Pruner protocol
+    collective_timeout_s: int = 600  # a rank that fails inside a sharded task is given up on after this long
+    poll_s: float = 30.0  # how often the watcher looks for new complete checkpoints
 
     def __post_init__(self) -> None:
         if self.mode != "off":
             _require(self.every_tokens > 0 or self.every_steps > 0, "eval.every_tokens",
                      f"eval.mode={self.mode} needs eval.every_tokens or eval.every_steps")
+            _require(bool(self.data_dir) or not self.tasks, "eval.data_dir",
+                     f"eval.mode={self.mode} needs the evaluation mirror; write one with "
+                     "`python launch/prepare_eval_data.py --data-dir DIR` and set eval.data_dir=DIR")
         _require(self.limit >= 0, "eval.limit", "must be >= 0")
+        _require(self.batch_size > 0, "eval.batch_size", "must be positive")
+        _require(self.ppl_seq_len > 1, "eval.ppl_seq_len", "must be > 1 (a window predicts its tokens 1..n-1)")
+        _require(self.collective_timeout_s > 0, "eval.collective_timeout_s", "must be positive")
+        _require(self.poll_s > 0, "eval.poll_s", "must be positive")
 
 
 @dataclass
