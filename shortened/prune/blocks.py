@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence
 
-import torch
 from torch import nn
 
 # Architectures whose decoder block is exactly Llama's: pre-norm attention + gated MLP on a residual stream,
