@@ -37,6 +37,7 @@ setup(
     version="0.1.0",
     description="Continued pretraining of depth-pruned LLaMA models (Shortened LLaMA) on DeepSpeed",
     packages=find_packages(include=["shortened", "shortened.*"]),
+    package_data={"shortened.eval": ["tasks.yaml"]},  # the evaluation task table ships with the package
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

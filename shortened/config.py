@@ -129,14 +129,25 @@ class EvalConfig:
         ]
     )
     data_dir: str = ""  # local mirror of the evaluation datasets
-    limit: int = 0  # rows per task (0: all)
+    limit: int = 0  # rows per zero-shot task and windows per perplexity/validation set (0: all; smoke tests only)
     batch_size: int = 8
+    task_file: str = ""  # task table: lm-eval YAML, reported metric, mirror files per task ("": the shipped one)
+    ppl_seq_len: int = 128  # perplexity window, the Shortened LLaMA / LLM-Pruner protocol
+    collective_timeout_s: int = 600  # a rank that fails inside a sharded task is given up on after this long
+    poll_s: float = 30.0  # how often the watcher looks for new complete checkpoints
 
     def __post_init__(self) -> None:
         if self.mode != "off":
             _require(self.every_tokens > 0 or self.every_steps > 0, "eval.every_tokens",
                      f"eval.mode={self.mode} needs eval.every_tokens or eval.every_steps")
+            _require(bool(self.data_dir) or not self.tasks, "eval.data_dir",
+                     f"eval.mode={self.mode} needs the evaluation mirror; write one with "
+                     "`python launch/prepare_eval_data.py --data-dir DIR` and set eval.data_dir=DIR")
         _require(self.limit >= 0, "eval.limit", "must be >= 0")
+        _require(self.batch_size > 0, "eval.batch_size", "must be positive")
+        _require(self.ppl_seq_len > 1, "eval.ppl_seq_len", "must be > 1 (a window predicts its tokens 1..n-1)")
+        _require(self.collective_timeout_s > 0, "eval.collective_timeout_s", "must be positive")
+        _require(self.poll_s > 0, "eval.poll_s", "must be positive")
 
 
 @dataclass
@@ -170,6 +181,88 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir", "must be set")
         _require(bool(self.resume), "resume", "must be auto, never or a checkpoint path")
+
+
+@dataclass
+class PruneConfig:
+    """`launch/prune.py`: score blocks on calibration text, remove the least important, save an HF model."""
+
+    model: str = ""  # Hugging Face model directory (or a hub id already in the local cache)
+    out: str = ""  # directory for the pruned model and prune_report.json
+    criterion: Literal["ppl", "taylor", "magnitude", "bi", "angular"] = "ppl"
+    remove: int = 0  # exactly one of remove / ratio / keep_blocks is set
+    ratio: float = 0.0  # fraction of all parameters; see shortened/prune/budget.py for the block count
+    keep_blocks: int = 0
+    calib: str = ""  # .txt / .jsonl / .jsonl.zst file, a directory of them, or a token-shard directory
+    calib_field: str = "text"  # JSON field holding the text
+    calib_samples: int = 10  # the published protocol: 10 windows of 128 tokens
+    calib_len: int = 128
+    calib_batch_size: int = 10
+    seed: int = 1234
+    protect_first: int = 4  # the "+" heuristic: never remove the first 4 and last 2 blocks
+    protect_last: int = 2
+    iterative: bool = False  # remove one block, re-score, repeat (not for taylor)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    tokenizer: str = ""  # tokenizer.model (or a directory) when the model directory has none
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "prune.model", "set the model directory (--model)")
+        _require(bool(self.out), "prune.out", "set the output directory (--out)")
+        _require(bool(self.calib), "prune.calib", "set the calibration text or shards (--calib)")
+        given = [v for v in (self.remove, self.ratio, self.keep_blocks) if v]
+        _require(len(given) == 1, "prune.remove", "give exactly one of --remove, --ratio, --keep-blocks")
+        _require(self.remove >= 0 and self.keep_blocks >= 0, "prune.remove", "block counts must be >= 0")
+        _require(0.0 <= self.ratio < 1.0, "prune.ratio", f"{self.ratio} is not a fraction in (0, 1)")
+        _require(self.calib_samples > 0 and self.calib_len > 1, "prune.calib_samples",
+                 "need at least one calibration sample of at least 2 tokens")
+        _require(self.calib_batch_size > 0, "prune.calib_batch_size", "must be positive")
+        _require(self.protect_first >= 0 and self.protect_last >= 0, "prune.protect_first", "must be >= 0")
+        _require(not (self.iterative and self.criterion == "taylor"), "prune.iterative",
+                 "taylor needs gradients of the full model; use --iterative with ppl, magnitude, bi or angular")
+
+
+@dataclass
+class LoraTrainConfig:
+    """`launch/lora.py`: the Shortened LLaMA v1 recovery recipe (LLM-Pruner's post-training), PEFT LoRA."""
+
+    model: str = ""  # the (pruned) Hugging Face model directory
+    data: str = ""  # Alpaca-format .json (a list) or .jsonl: instruction / input / output
+    out: str = ""  # run directory: checkpoints/, train_log.jsonl, merged/ (the fp16 HF model)
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    epochs: int = 2
+    lr: float = 1e-4
+    micro_batch_size: int = 4
+    grad_accum: int = 16  # batch 64 = 4 x 16
+    cutoff_len: int = 256
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    train_on_inputs: bool = False  # False: the loss covers the response tokens only (alpaca-lora's default)
+    seed: int = 42
+    save_every_steps: int = 200
+    keep_last: int = 2
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # autocast dtype; LoRA weights stay fp32
+    device: str = "auto"
+    tokenizer: str = ""  # tokenizer.model (or a directory) when the model directory has none
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "lora.model", "set the model directory (--model)")
+        _require(bool(self.data), "lora.data", "set the Alpaca-format data file (--data)")
+        _require(bool(self.out), "lora.out", "set the output directory (--out)")
+        _require(self.r > 0 and self.alpha > 0, "lora.r", "rank and alpha must be positive")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
+        _require(bool(self.target_modules), "lora.target_modules", "name at least one module")
+        _require(self.epochs > 0 and self.lr > 0, "lora.epochs", "epochs and lr must be positive")
+        _require(self.micro_batch_size > 0 and self.grad_accum > 0, "lora.micro_batch_size", "must be positive")
+        _require(self.cutoff_len > 1, "lora.cutoff_len", "must be > 1")
+        _require(self.warmup_steps >= 0 and self.max_grad_norm >= 0, "lora.warmup_steps", "must be >= 0")
+        _require(self.save_every_steps > 0, "lora.save_every_steps", "must be positive")
+        _require(self.keep_last >= 1, "lora.keep_last", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------- loading

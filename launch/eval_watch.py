@@ -1,0 +1,40 @@
+"""Evaluate every complete checkpoint of a run exactly once, on this machine's GPU (or CPU), while it trains.
+
+    python launch/eval_watch.py --run RUN_DIR [--every-tokens T] [--once] [eval.data_dir=DIR ...]
+
+Settings come from the `eval:` section (and data.validation_path) of RUN_DIR/config.yaml or --config, then the
+eval.key=value / data.validation_path=DIR overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from shortened.eval.watch import clean_launcher_env, load_watch_config, watch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the trainer's run directory")
+    parser.add_argument("--every-tokens", type=float, default=0,
+                        help="evaluate the first checkpoint of every interval of this many tokens (default: all)")
+    parser.add_argument("--once", action="store_true", help="evaluate what is there now, then exit")
+    parser.add_argument("--config", help="YAML with an eval: section (default RUN_DIR/config.yaml)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
+    parser.add_argument("overrides", nargs="*", help="eval.key=value, data.validation_path=DIR")
+    args = parser.parse_args(argv)
+    # Never a rank of a job, even when started from inside one (torchtitan's async eval does the same).
+    for name in set(os.environ) - set(clean_launcher_env()):
+        del os.environ[name]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, validation_path = load_watch_config(args.run, args.config, args.overrides)
+    watch(args.run, config, every_tokens=int(args.every_tokens), once=args.once, device=args.device, dtype=args.dtype,
+          validation_path=validation_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The trainer's inline evaluation hook.
+
+    evaluator = InlineEvaluator(config.eval, run_dir, tokenizer_file,      # on every rank, same point
+                                validation_path=config.data.validation_path)
+    ...
+    if evaluator.due(step, tokens, tokens_per_step):
+        evaluator(engine.module, step, tokens)                            # on every rank
+
+Every rank calls it (the work is sharded over the data-parallel ranks when torch.distributed is initialized);
+rank 0 appends the rows to `run_dir/results.jsonl`. It never raises for a failing task and leaves every RNG
+state and the model's train/eval mode as it found them, so the training loss trace is unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shortened.config import EvalConfig
+from shortened.eval.dist import EvalGroups
+from shortened.eval.results import RESULTS_FILE, append_rows, failed_row, stamp
+from shortened.eval.suite import EvalSuite
+
+log = logging.getLogger(__name__)
+
+
+class InlineEvaluator:
+    def __init__(self, config: EvalConfig, run_dir: str | Path, tokenizer_file: str | Path,
+                 validation_path: str | Path = "", run_name: str | None = None) -> None:
+        """Collective when torch.distributed is initialized: build it on every rank at the same point.
+
+        `validation_path`: the run's held-out token shards (data.validation_path), scored as one more task.
+        Raises ConfigError for an unknown task or a bad task table, so a typo stops the job at start-up.
+        """
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_name = run_name or self.run_dir.name
+        self.groups = EvalGroups.from_default_group(config.collective_timeout_s)
+        self.suite = EvalSuite(config, tokenizer_file, self.groups, validation_path)
+
+    @property
+    def results_path(self) -> Path:
+        return self.run_dir / RESULTS_FILE
+
+    def due(self, step: int, tokens: int, step_tokens: int) -> bool:
+        """Whether the step that brought the run to `tokens` (from `tokens - step_tokens`) is an evaluation point.
+
+        A pure function of its arguments, so a resumed run evaluates at the same points as an uninterrupted one.
+        """
+        if self.config.mode != "inline":
+            return False
+        if self.config.every_steps and step % self.config.every_steps == 0:
+            return True
+        every = self.config.every_tokens
+        return bool(every) and tokens // every > (tokens - step_tokens) // every
+
+    def __call__(self, model: torch.nn.Module, step: int, tokens: int,
+                 checkpoint: str | None = None) -> list[dict[str, Any]]:
+        """Evaluate `model` (the DeepSpeed engine's `.module`); the stamped rows, identical on every rank."""
+        try:
+            rows = self.suite.run(model)
+        except Exception:  # the suite records task failures itself; this is the last line of defence
+            error = traceback.format_exc()
+            log.error("inline evaluation at step %d failed:\n%s", step, error)
+            rows = [failed_row("evaluation", "-", error)]
+        rows = stamp(rows, run=self.run_name, step=step, tokens=tokens, source="inline", checkpoint=checkpoint)
+        if (self.groups.rank if self.groups else 0) == 0:
+            try:
+                append_rows(self.results_path, rows)
+            except OSError as err:  # a full disk must not end a training run
+                log.error("could not append evaluation results to %s: %s", self.results_path, err)
+        return rows

@@ -1,0 +1,184 @@
+"""Evaluate one model on the configured tasks: rows for results.jsonl, a failed task recorded instead of raised.
+
+When `groups` is given every rank calls `run` and each task ends with one `agree` exchange that every rank
+reaches whether its share succeeded or not: all ranks return the same rows and stay in lockstep.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from shortened.config import EvalConfig
+from shortened.eval.dist import EvalGroups, PeerFailure
+from shortened.eval.perplexity import PerplexityResult, task_windows
+from shortened.eval.results import ZERO_SHOT_MEAN, failed_row, ok_row
+from shortened.eval.rng import preserved_rng
+from shortened.eval.scoring import nll_sum
+from shortened.eval.tasks import LmEvalTask, PerplexityTask, TaskSpec, load_task_table, select_tasks
+from shortened.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EvalSuite:
+    def __init__(self, config: EvalConfig, tokenizer_file: str | Path, groups: EvalGroups | None = None,
+                 validation_path: str | Path = "") -> None:
+        """Bad task names or a bad task table raise ConfigError here, at start-up, not at the first evaluation.
+
+        `validation_path`: held-out token shards (data.validation_path); their loss is one more task when given.
+        """
+        self.config = config
+        self.validation_path = str(validation_path or "")
+        self.tokenizer_file = _sentencepiece_file(tokenizer_file)
+        self.specs: list[TaskSpec] = select_tasks(load_task_table(config.task_file), config.tasks)
+        self.groups = groups
+        self._windows: dict[str, np.ndarray] = {}  # perplexity windows, tokenised once per suite
+        self._lm = None
+
+    @property
+    def rank(self) -> int:
+        return self.groups.rank if self.groups else 0
+
+    def run(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Task rows (unstamped). RNG states and the model's train/eval mode are as before, even on error."""
+        rows: list[dict[str, Any]] = []
+        with preserved_rng(), _eval_mode(model):
+            try:
+                for spec in self.specs:
+                    rows += self._run_task(model, spec)
+                if self.validation_path:
+                    rows += self._validation_rows(model)
+            finally:
+                self._lm = None  # the harness wrapper holds the model; never keep it past this evaluation
+        return rows + self._mean_rows(rows)
+
+    # ------------------------------------------------------------------------------------------ tasks
+
+    def _harness(self, model: torch.nn.Module):
+        """lm-eval's wrapper of `model`, built at the first zero-shot task of a run (its failure fails that task)."""
+        if self._lm is None:
+            from shortened.eval.zero_shot import build_lm
+
+            self._lm = build_lm(model, self.tokenizer_file, self.config.batch_size, self.groups)
+        return self._lm
+
+    def _run_task(self, model: torch.nn.Module, spec: TaskSpec) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        if isinstance(spec, LmEvalTask):
+            from shortened.eval.zero_shot import evaluate_task
+
+            parts, failed = self._attempt(spec.name, spec.metric, lambda: evaluate_task(
+                self._harness(model), spec, self.config.data_dir, self.config.limit))
+            if failed:
+                return failed
+            return self._zero_shot_rows(spec, parts[0], time.perf_counter() - start)
+        parts, failed = self._attempt(spec.name, spec.metric, lambda: self._perplexity_sums(model, spec))
+        if failed:
+            return failed
+        result = PerplexityResult.from_sums(sum(p[0] for p in parts), sum(p[1] for p in parts))
+        return [ok_row(spec.name, spec.metric, result.ppl, primary=True, samples=result.tokens,
+                       seconds=time.perf_counter() - start),
+                ok_row(spec.name, "nll", result.nll, primary=False, samples=result.tokens,
+                       seconds=time.perf_counter() - start)]
+
+    def _attempt(self, task: str, metric: str, work) -> tuple[list[Any], list[dict[str, Any]]]:
+        """(every rank's result of `work`, []), or ([], a failed row) if any rank failed, logged with its traceback."""
+        start = time.perf_counter()
+        local, error = None, None
+        try:
+            local = work()
+        except PeerFailure as err:
+            error = (False, str(err))  # a consequence: another rank's error is the one to report
+        except Exception:
+            error = (True, f"rank {self.rank}: {traceback.format_exc()}")
+        parts = self.groups.agree((local, error)) if self.groups else [(local, error)]
+        errors = sorted((e for _, e in parts if e), key=lambda e: not e[0])
+        if not errors:
+            return [p for p, _ in parts], []
+        if self.groups:
+            self.groups.renew_work_group()
+        message = "\n".join(text for _, text in errors)
+        log.error("evaluation task %s failed:\n%s", task, message)
+        return [], [failed_row(task, metric, message, time.perf_counter() - start)]
+
+    def _zero_shot_rows(self, spec: LmEvalTask, result, seconds: float) -> list[dict[str, Any]]:
+        metrics, samples = result
+        if spec.metric not in metrics:
+            error = (f"task {spec.name}: lm-eval reported {', '.join(metrics) or 'no metric'}, but the task table "
+                     f"asks for {spec.metric!r}; fix tasks.{spec.name}.metric")
+            log.error(error)
+            return [failed_row(spec.name, spec.metric, error, seconds)]
+        return [ok_row(spec.name, metric, value, stderr, primary=metric == spec.metric, samples=samples,
+                       seconds=seconds) for metric, (value, stderr) in metrics.items()]
+
+    def _perplexity_sums(self, model: torch.nn.Module, spec: PerplexityTask) -> tuple[float, int]:
+        if spec.name not in self._windows:
+            from shortened.eval.mirror import check_mirror
+
+            check_mirror(self.config.data_dir, [spec])
+            tokenizer = load_tokenizer(self.tokenizer_file)
+            self._windows[spec.name] = task_windows(spec, self.config.data_dir, tokenizer, self.config.ppl_seq_len)
+        windows = self._windows[spec.name]
+        windows = windows[: self.config.limit] if self.config.limit else windows
+        if len(windows) == 0:
+            raise ValueError(f"{spec.file}: the text is shorter than one {self.config.ppl_seq_len}-token window")
+        world = self.groups.world_size if self.groups else 1
+        return nll_sum(model, windows, self.config.batch_size, self.rank, world, desc=spec.name)
+
+    def _validation_rows(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        from shortened.eval import validation
+
+        start = time.perf_counter()
+        world = self.groups.world_size if self.groups else 1
+
+        def work() -> tuple[float, int]:
+            shards = validation.open_validation_shards(self.validation_path, self.tokenizer_file)
+            return validation.validation_nll(model, shards, self.config.batch_size, self.rank, world, self.config.limit)
+
+        parts, failed = self._attempt(validation.TASK, validation.METRIC, work)
+        if failed:
+            return failed
+        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return [ok_row(validation.TASK, validation.METRIC, total / count, primary=True, samples=count,
+                       seconds=time.perf_counter() - start)]
+
+    def _mean_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The plain mean of the reported metric of every zero-shot task marked `in_mean` (failed if one failed)."""
+        members = [s for s in self.specs if isinstance(s, LmEvalTask) and s.in_mean]
+        if not members:
+            return []
+        values = {r["task"]: r["value"] for r in rows if r["status"] == "ok" and r["primary"]}
+        missing = [s.name for s in members if s.name not in values]
+        seconds = sum(r["seconds"] for r in rows if r["primary"] and r["task"] in {s.name for s in members})
+        if missing:
+            return [failed_row(ZERO_SHOT_MEAN, "mean", f"no result for {', '.join(missing)}", seconds)]
+        mean = float(np.mean([values[s.name] for s in members]))
+        return [ok_row(ZERO_SHOT_MEAN, "mean", mean, primary=True, samples=len(members), seconds=seconds)]
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """eval() for scoring (no dropout); the caller's mode back afterwards, module by module."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _sentencepiece_file(path: str | Path) -> Path:
+    path = Path(path)
+    file = path / "tokenizer.model" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no SentencePiece tokenizer.model; evaluation scores LLaMA models with "
+                                "SentencePiece ids, so pass the tokenizer.model file or its directory")
+    return file

@@ -1,0 +1,80 @@
+"""Loading and saving the Hugging Face models that pruning and LoRA read and write, with their tokenizer files."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shortened.prune.blocks import check_supported
+
+# Files that make a model directory usable by our tokenizer (tokenizer.model) and by transformers' AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU and float32 on CPU, where bf16 matmuls are slow and gain nothing."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; a hub id only from the local cache (nothing is downloaded at run time)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model, local_files_only=True))
+    except Exception as err:  # the hub client raises several types for "not cached" / "bad id"
+        raise FileNotFoundError(
+            f"{model}: not a model directory and not in the local Hugging Face cache ({type(err).__name__}); "
+            "download it first or pass a directory"
+        ) from None
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (float32 when the config does not say)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def load_causal_lm(model_dir: Path, dtype: torch.dtype | str, device: torch.device) -> nn.Module:
+    """Load a Llama-layout causal LM; the architecture is checked from config.json before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_supported(AutoConfig.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval()
+
+
+def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer_source: Path) -> Path:
+    """`save_pretrained` (safetensors) plus the tokenizer files of `tokenizer_source` (a file or a directory)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer_source.is_file():
+        name = "tokenizer.json" if tokenizer_source.suffix == ".json" else "tokenizer.model"
+        shutil.copyfile(tokenizer_source, out / name)
+    else:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_source / name).is_file():
+                shutil.copyfile(tokenizer_source / name, out / name)
+    return out

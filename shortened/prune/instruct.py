@@ -1,0 +1,104 @@
+"""Alpaca-format instruction data for LoRA retraining, tokenised as alpaca-lora / LLM-Pruner do.
+
+Each record has `instruction`, optional `input`, and `output`. The prompt is the Alpaca template; the example is
+BOS + prompt + output, cut at `cutoff_len` tokens, with EOS appended when it fits. Unless `train_on_inputs`, the
+prompt's tokens are masked (-100) so the loss covers the response only. Ids come from our exact SentencePiece
+tokenizer; the prompt length is that of the prompt tokenised alone, as in alpaca-lora.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from shortened.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class InstructDataError(ValueError):
+    """The instruction file is unreadable or a record lacks a field; the message names file and record."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def label_tokens(self) -> int:
+        """Tokens that carry loss: labels shifted by one, so the first position never counts."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+def read_alpaca(path: str | Path) -> list[dict[str, str]]:
+    """Records from a JSON list (`.json`, as Alpaca ships) or one object a line (`.jsonl`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InstructDataError(f"{path}: no such instruction data file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InstructDataError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
+    if not isinstance(records, list) or not records:
+        raise InstructDataError(f"{path}: expected a non-empty list of instruction records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InstructDataError(f"{path}: record {index} is not an object")
+        for key in ("instruction", "output"):
+            if not isinstance(record.get(key), str):
+                raise InstructDataError(f"{path}: record {index} has no string {key!r} (Alpaca format: "
+                                        "instruction, input, output)")
+        if not isinstance(record.get("input", ""), str):
+            raise InstructDataError(f"{path}: record {index}: 'input' must be a string")
+    return records
+
+
+def prompt_for(record: dict[str, str]) -> str:
+    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def encode_example(record: dict[str, str], tokenizer: Tokenizer, cutoff_len: int, train_on_inputs: bool) -> Example:
+    prompt = prompt_for(record)
+    ids = ([tokenizer.bos_id] + tokenizer.encode(prompt + record["output"]))[:cutoff_len]
+    if len(ids) < cutoff_len:
+        ids.append(tokenizer.eos_id)
+    labels = list(ids)
+    if not train_on_inputs:
+        prompt_len = min(1 + len(tokenizer.encode(prompt)), len(ids))
+        labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
+    return Example(ids, labels)
+
+
+def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss.
+
+    LLaMA has no pad token; alpaca-lora pads with id 0 (<unk>), which the mask makes irrelevant.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

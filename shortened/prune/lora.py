@@ -1,0 +1,205 @@
+"""LoRA retraining of a pruned model (the Shortened LLaMA v1 recipe), resumable, merged into an fp16 HF model.
+
+The loop is ours rather than HF Trainer's so that a checkpoint is atomic and a resumed run is the uninterrupted
+run step for step: the data order of epoch e is a permutation seeded by (seed, e), the step's position in it
+follows from the step number, and the RNG that drives LoRA dropout is saved and restored with the checkpoint.
+
+Run directory:
+    config.yaml            the resolved LoraTrainConfig
+    train_log.jsonl        one line per optimizer step: step, epoch, loss, lr, grad_norm, tokens, time
+    checkpoints/step_N/    adapter (PEFT format), optimizer, RNG, trainer_state.json, complete.json
+    merged/                the base model with the adapter merged in, fp16 safetensors + tokenizer files
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from shortened.config import LoraTrainConfig, save_config, to_dict
+from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dtype, resolve_model_dir, save_model_dir
+from shortened.prune.instruct import IGNORE_INDEX, Example, collate, encode_example, read_alpaca
+from shortened.prune.lora_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from shortened.tokenizer import load_tokenizer
+
+# Fields that do not change what is trained; a resumed run may differ in them.
+_RESUME_FREE_FIELDS = ("save_every_steps", "keep_last", "device")
+
+
+class ResumeMismatch(ValueError):
+    """The run directory holds checkpoints of a run with a different configuration."""
+
+
+@dataclass
+class StepPlan:
+    """Which examples each optimizer step sees: epoch e uses the e-th permutation drawn from a generator seeded with
+    `seed`, cut into batches of `batch_size` (the last one may be short) and those into micro-batches."""
+
+    num_examples: int
+    batch_size: int
+    micro_batch_size: int
+    epochs: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            order = torch.randperm(self.num_examples, generator=generator)
+        chosen = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+        return [chosen[i : i + self.micro_batch_size] for i in range(0, len(chosen), self.micro_batch_size)]
+
+
+def lr_at(step: int, config: LoraTrainConfig, total_steps: int) -> float:
+    """Linear warmup then linear decay to zero (transformers' get_linear_schedule_with_warmup)."""
+    if step < config.warmup_steps:
+        return config.lr * step / max(1, config.warmup_steps)
+    return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - config.warmup_steps))
+
+
+def train_lora(config: LoraTrainConfig) -> Path:
+    """Train (or resume) the LoRA run in `config.out`, then merge; returns the merged model directory."""
+    import peft
+
+    out = Path(config.out)
+    model_dir = resolve_model_dir(config.model)
+    tokenizer_source = Path(config.tokenizer) if config.tokenizer else model_dir
+    tokenizer = load_tokenizer(tokenizer_source)
+    examples = [encode_example(r, tokenizer, config.cutoff_len, config.train_on_inputs)
+                for r in read_alpaca(config.data)]
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+
+    torch.manual_seed(config.seed)  # LoRA A's initialisation, then dropout
+    base = load_causal_lm(model_dir, dtype, device)
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    ))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    plan = StepPlan(len(examples), config.micro_batch_size * config.grad_accum, config.micro_batch_size,
+                    config.epochs, config.seed)
+    start = _resume_or_start(out, config, model, optimizer)
+
+    model.train()
+    log = open(out / "train_log.jsonl", "a")
+    bar = tqdm(total=plan.total_steps, initial=start, desc="lora", unit="step")
+    for step in range(start, plan.total_steps):
+        started = time.time()
+        lr = lr_at(step, config, plan.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, tokens = _accumulate(model, [[examples[i] for i in mb] for mb in plan.micro_batches(step)],
+                                   device, dtype)
+        grad_norm = nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {"step": done, "epoch": step // plan.steps_per_epoch, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm.item(), "tokens": tokens, "time_s": round(time.time() - started, 4)}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if done % config.save_every_steps == 0 or done == plan.total_steps:
+            save_checkpoint(out / "checkpoints", done, model, optimizer,
+                            {"step": done, "total_steps": plan.total_steps, "config_hash": _resume_hash(config)},
+                            config.keep_last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+    bar.close()
+    log.close()
+    del model, base, optimizer, trainable  # free the training copy before the fp32 merge loads the base again
+    final = complete_checkpoints(out / "checkpoints")[-1]
+    return merge_lora(model_dir, final, out / "merged", tokenizer_source, torch.float16)
+
+
+def _accumulate(model: nn.Module, micro_batches: list[list[Example]], device: torch.device,
+                dtype: torch.dtype) -> tuple[float, int]:
+    """Backward over the step's micro-batches; the loss is the mean over every label token of the whole step."""
+    tokens = sum(e.label_tokens for mb in micro_batches for e in mb)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    total = 0.0
+    for micro_batch in micro_batches:
+        batch = {k: v.to(device) for k, v in collate(micro_batch).items()}
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        (loss_sum / max(1, tokens)).backward()
+        total += loss_sum.item()
+    return total / max(1, tokens), tokens
+
+
+def _resume_hash(config: LoraTrainConfig) -> str:
+    values = {k: v for k, v in to_dict(config).items() if k not in _RESUME_FREE_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def _resume_or_start(out: Path, config: LoraTrainConfig, model: nn.Module,
+                     optimizer: torch.optim.Optimizer) -> int:
+    """The step to start from: 0 for a new run, else that of the newest complete checkpoint (restored)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "checkpoints").glob(".step_*.tmp"):  # a save that a kill interrupted
+        shutil.rmtree(stale, ignore_errors=True)
+    checkpoints = complete_checkpoints(out / "checkpoints")
+    if not checkpoints:
+        save_config(config, out / "config.yaml")
+        (out / "train_log.jsonl").write_text("")
+        return 0
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    if state["config_hash"] != _resume_hash(config):
+        raise ResumeMismatch(
+            f"{out}: holds checkpoints of a run with another configuration (see {out / 'config.yaml'}); "
+            "resume with the same settings or choose a new --out"
+        )
+    load_checkpoint(checkpoints[-1], model, optimizer)
+    step = state["step"]
+    _truncate_log(out / "train_log.jsonl", step)
+    print(f"resumed from {checkpoints[-1]} (step {step})", flush=True)
+    return step
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint: they will be trained again."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            break  # a line cut by the kill, and nothing valid can follow it
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer_source: Path,
+               dtype: torch.dtype = torch.float16) -> Path:
+    """Merge the adapter into fp32 base weights on CPU, cast to `dtype`, save (atomically) with the tokenizer."""
+    from peft import PeftModel
+
+    base = load_causal_lm(base_dir, torch.float32, torch.device("cpu"))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(merged, tmp, tokenizer_source)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,152 @@
+"""The inline hook in a training loop: the loss trace is bit-identical with and without it, failures never stop it.
+
+A plain torch loop stands in for the DeepSpeed trainer (issue 5), with everything that makes the trace depend on
+global RNGs: attention dropout (torch), batch sampling (numpy) and window offsets (python).
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import lm_eval
+import numpy as np
+import pytest
+import torch
+from conftest import EVAL_DATA
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from shortened.config import ConfigError, EvalConfig
+from shortened.eval.hf_tokenizer import SentencePieceHFTokenizer
+from shortened.eval.hook import InlineEvaluator
+from shortened.eval.mirror import read_rows
+from shortened.eval.perplexity import make_windows, stream_ids
+from shortened.eval.results import read_results
+from shortened.eval.tasks import lm_eval_tasks_dir
+from shortened.modeling import build_tiny_llama
+from shortened.tokenizer import load_tokenizer
+
+STEPS, BATCH, SEQ = 8, 4, 48
+STEP_TOKENS = BATCH * SEQ
+
+
+@pytest.fixture(scope="module")
+def train_windows(tokenizer_model):
+    rows = read_rows(EVAL_DATA / "wikitext2" / "test.jsonl")[:400]
+    return make_windows(stream_ids(load_tokenizer(tokenizer_model), [r["text"] for r in rows], "\n\n"), SEQ + 8)
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """piqa and wikitext2 as shipped, boolq cut short mid-row (a broken download)."""
+    root = tmp_path / "mirror"
+    for rel in ("piqa/validation.jsonl", "wikitext2/test.jsonl", "boolq/validation.jsonl"):
+        (root / rel).parent.mkdir(parents=True)
+        (root / rel).write_bytes((EVAL_DATA / rel).read_bytes())
+    broken = root / "boolq" / "validation.jsonl"
+    broken.write_bytes(broken.read_bytes()[:-40])
+    return root
+
+
+def _train(windows, after_step=None) -> list[float]:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    model = build_tiny_llama(seed=0, num_layers=2)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(1, STEPS + 1):
+        offset = random.randrange(8)
+        batch = torch.as_tensor(windows[np.random.randint(len(windows), size=BATCH), offset:offset + SEQ])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step(model, step, step * STEP_TOKENS)
+    return losses
+
+
+def test_loss_trace_bit_identical_and_failures_recorded(tmp_path, mirror, train_windows, tokenizer_model):
+    config = EvalConfig(mode="inline", every_steps=3, tasks=["piqa", "boolq", "wikitext2"],
+                        data_dir=str(mirror), limit=4, batch_size=4)
+    evaluator = InlineEvaluator(config, tmp_path / "run", tokenizer_model)
+    calls = []
+
+    def hook(model, step, tokens):
+        if evaluator.due(step, tokens, STEP_TOKENS):
+            calls.append(step)
+            evaluator(model, step, tokens)
+
+    plain = _train(train_windows)
+    with_eval = _train(train_windows, hook)
+    assert calls == [3, 6] and len(with_eval) == STEPS  # the failing task did not stop training
+    assert with_eval == plain  # bit for bit
+
+    rows = read_results(tmp_path / "run" / "results.jsonl")
+    assert sorted({r["step"] for r in rows}) == [3, 6]
+    for step in (3, 6):
+        mine = {(r["task"], r["metric"]): r for r in rows if r["step"] == step}
+        assert mine[("piqa", "acc")]["status"] == "ok" and mine[("wikitext2", "ppl")]["status"] == "ok"
+        assert mine[("boolq", "acc")]["status"] == "failed" and "Traceback" in mine[("boolq", "acc")]["error"]
+        assert all(r["run"] == "run" and r["tokens"] == step * STEP_TOKENS and r["source"] == "inline"
+                   for r in mine.values())
+
+
+def test_lm_eval_alone_would_change_the_trace(tmp_path, train_windows, tokenizer_model):
+    """The control: lm-eval called without the hook's RNG guard reseeds the globals and the trace diverges."""
+    (tmp_path / "piqa.yaml").write_text(json.dumps({
+        "include": str(lm_eval_tasks_dir() / "piqa/piqa.yaml"), "task": "piqa_local", "dataset_path": "json",
+        "dataset_name": None, "training_split": None,
+        "dataset_kwargs": {"data_files": {"validation": str(EVAL_DATA / "piqa/validation.jsonl")}}}))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+
+    def bare(model, step, tokens):
+        if step == 3:
+            lm = HFLM(pretrained=model, tokenizer=SentencePieceHFTokenizer(tokenizer_model), add_bos_token=True)
+            lm_eval.simple_evaluate(model=lm, tasks=["piqa_local"], limit=2, task_manager=manager)
+            model.train()
+
+    assert _train(train_windows, bare) != _train(train_windows)
+
+
+def test_rng_and_mode_restored_even_when_everything_fails(tmp_path, tokenizer_model):
+    config = EvalConfig(tasks=["piqa", "wikitext2"], data_dir=str(tmp_path / "no-mirror"), limit=2)
+    evaluator = InlineEvaluator(config, tmp_path / "run", tokenizer_model)
+    model = build_tiny_llama(seed=0, num_layers=2).train()
+    model.model.layers[0].eval()  # a mixed mode must come back module by module
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+    rows = evaluator(model, step=5, tokens=100)
+    assert [r["status"] for r in rows] == ["failed", "failed", "failed"]  # piqa, wikitext2, the mean
+    assert "prepare_eval_data.py" in rows[0]["error"]  # a missing mirror names the command that writes it
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2])
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+
+
+def test_due_is_a_pure_function_of_the_step():
+    def evaluator(**kwargs):
+        e = InlineEvaluator.__new__(InlineEvaluator)
+        e.config = EvalConfig(mode="inline", data_dir="mirror", **kwargs)
+        return e
+
+    by_tokens = evaluator(every_tokens=1000)
+    assert [s for s in range(1, 12) if by_tokens.due(s, s * 300, 300)] == [4, 7, 10]  # 1200, 2100, 3000 tokens
+    by_steps = evaluator(every_steps=5)
+    assert [s for s in range(1, 12) if by_steps.due(s, s * 300, 300)] == [5, 10]
+    off = InlineEvaluator.__new__(InlineEvaluator)
+    off.config = EvalConfig(mode="watch", every_steps=1, data_dir="mirror")
+    assert not off.due(1, 300, 300)
+
+
+def test_config_mistakes_stop_the_job_at_start_up(tmp_path, tokenizer_model):
+    with pytest.raises(ConfigError, match="boolqq"):
+        InlineEvaluator(EvalConfig(tasks=["boolqq"]), tmp_path, tokenizer_model)
+    with pytest.raises(ConfigError, match="eval.data_dir: .*prepare_eval_data.py"):
+        EvalConfig(mode="inline", every_steps=100)
