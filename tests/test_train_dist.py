@@ -295,6 +295,8 @@ def test_hooks_run_on_every_rank_after_each_step_and_after_complete_checkpoints(
     stopped = term_run["log"][-1]["step"]
     for rank in (0, 1):
         events = [json.loads(line) for line in (final_run / f"hook_rank{rank}.jsonl").read_text().splitlines()]
+        assert events[0]["event"] == "start" and events[0]["step"] == stopped
+        assert events[0]["tokenizer"].endswith("tokenizer.model")
         steps = [e["step"] for e in events if e["event"] == "step"]
         assert steps == list(range(stopped + 1, STEPS + 1))
         assert all(e["finite"] and e["world_size"] == 2 and e["tokens"] == e["step"] * GLOBAL_BATCH * SEQ

@@ -172,7 +172,7 @@ def test_hooks_cannot_change_the_random_stream_or_the_train_mode(tmp_path):
     model = build_tiny_llama(num_layers=1).train()
     hook = RandomEvaluator()
     ctx = StepContext(step=3, tokens=384, step_tokens=128, consumed_samples=6, loss=1.0, model=model,
-                      run_dir=tmp_path, rank=0, world_size=1)
+                      run_dir=tmp_path, rank=0, world_size=1, tokenizer_file=None)
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     reference = draw()
     torch.manual_seed(0), random.seed(0), np.random.seed(0)

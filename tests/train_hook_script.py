@@ -15,6 +15,9 @@ from shortened.train.cli import cpt_main  # noqa: E402
 
 
 class RecordingHook:
+    def before_training(self, ctx) -> None:
+        self._record(ctx, {"event": "start", "tokenizer": str(ctx.tokenizer_file)})
+
     def after_step(self, ctx) -> None:
         ctx.model.eval()
         with torch.no_grad():

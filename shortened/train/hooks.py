@@ -1,7 +1,9 @@
 """The seam for work that runs inside the training loop without being part of it (inline evaluation).
 
-A hook is any object with either or both methods
+A hook is any object with any of the methods
 
+    before_training(ctx: StepContext)   once, after the engine is built (and resumed), before the first step:
+                                        the place for collective set-up and for failing fast on bad settings
     after_step(ctx: StepContext)        every optimizer step, once the step's line is logged
     after_checkpoint(ctx: StepContext)  after a checkpoint is complete (its complete.json exists), ctx.checkpoint set
 
@@ -27,15 +29,18 @@ class StepContext:
     tokens: int  # tokens consumed so far (all ranks)
     step_tokens: int  # tokens per optimizer step
     consumed_samples: int
-    loss: float  # this step's mean loss over all ranks
+    loss: float  # this step's mean loss over all ranks (nan in before_training)
     model: torch.nn.Module
     run_dir: Path
     rank: int
     world_size: int
+    tokenizer_file: Path | None  # the model's tokenizer (tokenizer.model), None if its directory has none
     checkpoint: Path | None = None
 
 
 class TrainerHook(Protocol):
+    def before_training(self, ctx: StepContext) -> None: ...
+
     def after_step(self, ctx: StepContext) -> None: ...
 
     def after_checkpoint(self, ctx: StepContext) -> None: ...

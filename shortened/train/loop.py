@@ -117,7 +117,14 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
     timer = PhaseTimer(env.device, config.log.sync_timers)
     skips_in_a_row = 0
     last_checkpoint = plan.checkpoint.path if plan.checkpoint else None
+
+    def context(loss: float) -> StepContext:
+        return StepContext(step=step, tokens=consumed * seq_len, step_tokens=budget.tokens_per_step,
+                           consumed_samples=consumed, loss=loss, model=engine.module, run_dir=plan.run_dir,
+                           rank=env.rank, world_size=env.world_size, tokenizer_file=plan.tokenizer_file)
+
     try:
+        call_hooks(hooks, "before_training", context(math.nan))
         while step < budget.stop_step:
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             started = time.perf_counter()
@@ -151,9 +158,7 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
                 last_checkpoint = saved
             if logger is not None:
                 logger.log(record)
-            ctx = StepContext(step=step, tokens=consumed * seq_len, step_tokens=budget.tokens_per_step,
-                              consumed_samples=consumed, loss=mean_loss, model=engine.module, run_dir=plan.run_dir,
-                              rank=env.rank, world_size=env.world_size)
+            ctx = context(mean_loss)
             if saved is not None:
                 call_hooks(hooks, "after_checkpoint", dataclasses.replace(ctx, checkpoint=saved))
             call_hooks(hooks, "after_step", ctx)
