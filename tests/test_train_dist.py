@@ -472,3 +472,38 @@ def test_a_stuck_rank_ends_the_job_within_the_collective_timeout(work, train_sha
     assert waited < 10 + 15, f"rank 0 waited {waited:.0f} s for a stuck peer with train.dist_timeout_s=10"
     assert rc != 0
     assert "lost contact with another rank" in job.output() and "Timed out waiting 10000ms" in job.output()
+
+
+# ---------------------------------------------------------------------------------------------- inline evaluation
+
+
+def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_run, work, train_shards_64,
+                                                                            tiny_init_model):
+    """eval.mode=inline on 2 ranks: the training losses equal the run without evaluation bit for bit, a task whose
+    mirror file is broken is recorded as failed at every point, and the others measure the model getting better."""
+    from conftest import EVAL_DATA
+
+    mirror = work / "mirror"
+    for task, split in (("piqa", "validation"), ("wikitext2", "test")):
+        (mirror / task).mkdir(parents=True)
+        shutil.copyfile(EVAL_DATA / task / f"{split}.jsonl", mirror / task / f"{split}.jsonl")
+    broken = mirror / "piqa" / "validation.jsonl"
+    broken.write_bytes(broken.read_bytes()[:-40])  # a download cut short mid-row
+    run_dir = work / "inline_eval"
+    run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}",
+                                  "eval.mode=inline", "eval.every_steps=4", f"eval.data_dir={mirror}",
+                                  "eval.tasks=[piqa,wikitext2]", "eval.limit=16", "eval.batch_size=4"),
+                     work / "inline_eval.out"))
+
+    reference = read_log(ref_run)[:HALF]
+    trace = read_log(run_dir)
+    assert len(trace) == HALF and all(same(a, b) for a, b in zip(trace, reference))
+
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    by = {(r["step"], r["task"], r["metric"]): r for r in rows}
+    assert sorted({r["step"] for r in rows}) == [0, 4, 8]  # before the first step, then every 4 steps
+    for step in (0, 4, 8):
+        assert by[(step, "piqa", "acc")]["status"] == "failed" and "Traceback" in by[(step, "piqa", "acc")]["error"]
+        assert by[(step, "wikitext2", "ppl")]["status"] == "ok"
+        assert by[(step, "wikitext2", "ppl")]["tokens"] == step * GLOBAL_BATCH * SEQ
+    assert by[(8, "wikitext2", "ppl")]["value"] < by[(0, "wikitext2", "ppl")]["value"]

@@ -47,12 +47,13 @@ def cpt_main(argv: Sequence[str] | None = None, hooks: Sequence[object] = ()) ->
     args = parser.parse_intermixed_args(argv)
     rank = setup_logging()
     from shortened.train.checkpoint import CheckpointError
+    from shortened.train.evaluation import evaluation_hooks
     from shortened.train.loop import NonFiniteLoss, train
     from shortened.train.plan import SetupError
 
     try:
         config = load_config(RunConfig, args.config, args.overrides)
-        train(config, hooks=hooks)
+        train(config, hooks=[*hooks, *evaluation_hooks(config)])
     except (ConfigError, NonFiniteLoss) as err:  # the same on every rank: said once
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
