@@ -22,11 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import sentencepiece as spm
 import zstandard

@@ -7,21 +7,21 @@ step: bitwise where the arithmetic is the same, within float tolerance where the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port, subprocess_env
+from conftest import free_port
+from train_support import (
+    BIN, CPT, GLOBAL_BATCH, HALF, HOOK_SCRIPT, RECIPE, SEQ, STEPS, Job, close, deepspeed, overrides, python, read_log,
+    run_ok, same,
+)
 from shortened.config import RunConfig, load_config
 from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
@@ -31,106 +31,7 @@ from shortened.train.cli import export_main
 from shortened.train.export import export_hf, master_weights
 from shortened.train.plan import decide_plan
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
-CPT = ROOT / "launch" / "cpt.py"
-HOOK_SCRIPT = ROOT / "tests" / "train_hook_script.py"
-BIN = Path(sys.executable).parent
-STEPS, HALF, GLOBAL_BATCH, SEQ = 16, 8, 4, 64
-JOB_TIMEOUT = 240
 pytestmark = pytest.mark.timeout(900)
-
-
-# ---------------------------------------------------------------------------------------------- running jobs
-
-
-def overrides(run_dir: Path, shards: Path, model: Path, *extra: str) -> list[str]:
-    """The tiny-cpu recipe shrunk further: 2-layer model, 4 x 64-token sequences per step, 16 steps."""
-    return [f"model.init_from={model}", f"data.path={shards}", f"data.seq_len={SEQ}", "data.num_workers=0",
-            f"train.global_batch_size={GLOBAL_BATCH}", "train.micro_batch_size=1",
-            f"train.max_tokens={STEPS * GLOBAL_BATCH * SEQ}", "train.dist_timeout_s=60", "optim.lr=3e-3",
-            "optim.warmup_steps=2", "checkpoint.every_steps=4", "log.tensorboard=false", "log.sample_ids=true",
-            f"run_dir={run_dir}", *extra]
-
-
-class Job:
-    """A launched training job in its own session, so cleanup can always reach every process it started."""
-
-    def __init__(self, cmd: list[str], out: Path, script: Path = CPT, **env: str) -> None:
-        self.out = out
-        self.script = str(script)
-        self.handle = open(out, "w")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                                                        PYTHONUNBUFFERED="1", **env))
-
-    def wait(self, timeout: float = JOB_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.cleanup()
-
-    def output(self) -> str:
-        return self.out.read_text()
-
-    def ranks(self) -> dict[int, psutil.Process]:
-        """The training processes by rank: launched with RANK set by a parent that has none (DataLoader workers
-        inherit RANK from their rank; the launchers themselves have none)."""
-        found = {}
-        for proc in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                if self.script in proc.cmdline() and "RANK" in proc.environ() \
-                        and "RANK" not in proc.parent().environ():
-                    found[int(proc.environ()["RANK"])] = proc
-            except psutil.NoSuchProcess:
-                continue
-        return found
-
-    def wait_for(self, predicate, what: str, timeout: float = JOB_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"job ended (rc {self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}:\n{self.output()[-4000:]}")
-            time.sleep(0.05)
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session this test started, and only it
-            self.proc.wait()
-        self.handle.close()
-
-
-def deepspeed(nproc: int, args: list[str], out: Path, script: Path = CPT, **env: str) -> Job:
-    return Job([BIN / "deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), script,
-                "--config", RECIPE, *args], out, script, **env)
-
-
-def python(args: list[str], out: Path) -> Job:
-    """One process, no launcher: a world of one."""
-    return Job([sys.executable, CPT, "--config", RECIPE, *args], out)
-
-
-def run_ok(job: Job) -> str:
-    rc = job.wait()
-    text = job.output()
-    assert rc == 0, f"job failed (rc {rc}):\n{text[-6000:]}"
-    return text
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-
-
-def same(a: dict, b: dict, keys=("step", "tokens", "loss", "lr", "grad_norm", "sample_ids")) -> bool:
-    return all(a[k] == b[k] for k in keys)
-
-
-def close(a: dict, b: dict, rel: float) -> bool:
-    return a["sample_ids"] == b["sample_ids"] and abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"])
 
 
 # ---------------------------------------------------------------------------------------------- the runs

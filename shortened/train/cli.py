@@ -23,7 +23,7 @@ def setup_logging() -> int:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "torch.distributed"):
+    for noisy in ("DeepSpeed", "torch.distributed", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Per-file progress bars of weight loading/saving would tear the training progress bar.
     from huggingface_hub.utils import disable_progress_bars

@@ -1,0 +1,178 @@
+"""The main job end to end on this CPU box, as the real commands a cluster user runs, at small sizes.
+
+    python launch/demo.py [--quick] [--out demo_out]
+
+1. prepare the shared SlimPajama sample (train and validation) as token shards with the real LLaMA tokenizer;
+2. make a small Llama "source" model and pretrain it briefly on the sample, so that pruning has signal
+   (a stand-in for Vicuna-7B, which does not fit this box);
+3. score its blocks with the PPL criterion and prune it;
+4. continue pretraining the pruned model with DeepSpeed ZeRO-2 on 2 CPU ranks, checkpointing and evaluating
+   inline (validation loss, WikiText-2/PTB perplexity, the seven zero-shot tasks on local data);
+5. draw curves.png and print a summary table.
+Every step is skipped or resumed when its output is already there, so a second run finishes quickly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TOKENIZER = SHARED / "llama-tokenizer" / "tokenizer.model"
+SAMPLE = SHARED / "slimpajama-sample"
+EVAL_DATA = SHARED / "eval"
+RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
+ZERO_SHOT = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    layers: int  # blocks of the source model
+    hidden: int
+    remove: int  # blocks pruned away
+    seq_len: int
+    pretrain_steps: int
+    cpt_steps: int
+    eval_every: int  # steps between inline evaluations
+    eval_limit: int  # rows per zero-shot task, windows per perplexity set, sequences of validation loss
+    tasks: tuple[str, ...]
+
+
+FULL = Sizes(layers=8, hidden=128, remove=2, seq_len=128, pretrain_steps=300, cpt_steps=150, eval_every=50,
+             eval_limit=100, tasks=(*ZERO_SHOT, "wikitext2", "ptb"))
+QUICK = Sizes(layers=4, hidden=64, remove=1, seq_len=64, pretrain_steps=30, cpt_steps=16, eval_every=8,
+              eval_limit=8, tasks=("piqa", "arc_easy", "wikitext2"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the variant `make test` runs)")
+    parser.add_argument("--out", default=str(ROOT / "demo_out"), help="where every artifact goes")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    shards = {split: out / "shards" / split for split in ("train", "validation")}
+    for split, path in shards.items():
+        step(f"prepare the {split} split as {sizes.seq_len}-token shards",
+             [sys.executable, "data_prep/slimpajama.py", "--input", SAMPLE, "--split", split, "--tokenizer", TOKENIZER,
+              "--output", path, "--seq-len", sizes.seq_len, "--workers", 2, "--no-progress"])
+
+    source = make_source_model(out, sizes, shards["train"])
+    pruned = out / "pruned"
+    step(f"score the source model's {sizes.layers} blocks by PPL and remove {sizes.remove}",
+         [sys.executable, "launch/prune.py", "--model", source, "--criterion", "ppl", "--remove", sizes.remove,
+          "--calib", SAMPLE / "validation", "--calib-samples", 10, "--calib-len", sizes.seq_len,
+          "--protect-first", 1, "--protect-last", 1, "--out", pruned],
+         done=pruned / "prune_report.json")
+
+    source_eval = out / "source_eval.json"
+    step("evaluate the unpruned source model (the reference row of the table)",
+         [sys.executable, "launch/evaluate.py", "--model", source, "--data-dir", EVAL_DATA,
+          "--tasks", ",".join(sizes.tasks), "--limit", sizes.eval_limit, "--validation-shards", shards["validation"],
+          "--device", "cpu", "--output", source_eval],
+         done=source_eval)
+
+    cpt = out / "cpt"
+    step(f"continue pretraining the pruned model: DeepSpeed ZeRO-2, 2 CPU ranks, {sizes.cpt_steps} steps, "
+         f"inline evaluation every {sizes.eval_every} steps",
+         deepspeed_cmd(cpt, pruned, shards["train"], sizes, sizes.cpt_steps,
+                       "eval.mode=inline", f"eval.every_steps={sizes.eval_every}", f"eval.data_dir={EVAL_DATA}",
+                       f"eval.tasks=[{','.join(sizes.tasks)}]", f"eval.limit={sizes.eval_limit}",
+                       f"data.validation_path={shards['validation']}"))
+
+    step("draw the curves", [sys.executable, "launch/plot_curves.py", cpt, "--output", out / "curves.png"])
+    print_summary(out, source, pruned, cpt, source_eval, sizes)
+    print(f"\ndemo finished in {time.time() - started:.0f} s")
+    return 0
+
+
+def make_source_model(out: Path, sizes: Sizes, train_shards: Path) -> Path:
+    init, pretrain, source = out / "source_init", out / "pretrain", out / "source"
+    step(f"make a random {sizes.layers}-block Llama (real 32k LLaMA vocabulary) as the source model",
+         [sys.executable, "launch/tiny_model.py", "--tokenizer", TOKENIZER, "--out", init, "--layers", sizes.layers,
+          "--hidden", sizes.hidden], done=init / "config.json")
+    print("  (the paper prunes Vicuna-7B; a small model pretrained briefly here gives pruning real signal)")
+    step(f"pretrain it briefly: {sizes.pretrain_steps} steps on the sample, DeepSpeed ZeRO-2 on 2 CPU ranks",
+         deepspeed_cmd(pretrain, init, train_shards, sizes, sizes.pretrain_steps))
+    last = sorted((pretrain / "checkpoints").glob("step_*/complete.json"))[-1].parent
+    step("export the pretrained checkpoint as a Hugging Face model",
+         [sys.executable, "launch/export_hf.py", "--checkpoint", last, "--out", source],
+         done=source / "config.json")
+    return source
+
+
+def deepspeed_cmd(run_dir: Path, model: Path, shards: Path, sizes: Sizes, steps: int, *extra: str) -> list:
+    tokens = steps * 8 * sizes.seq_len  # tiny-cpu.yaml: 8 sequences per step (micro 2 x accumulation 2 x 2 ranks)
+    return ["deepspeed", "--num_gpus", 2, "--master_port", free_port(), "launch/cpt.py", "--config", RECIPE,
+            f"model.init_from={model}", f"data.path={shards}", f"data.seq_len={sizes.seq_len}",
+            f"train.max_tokens={tokens}", f"optim.warmup_steps={max(1, steps // 20)}",
+            f"checkpoint.every_steps={max(1, steps // 3)}", "log.every_steps=10", f"run_dir={run_dir}", *extra]
+
+
+def step(title: str, cmd: list, done: Path | None = None) -> None:
+    """Print and run one real command; skip it when its output says it already ran."""
+    printable = " ".join(shlex.quote(short(c)) for c in cmd)
+    print(f"\n==> {title}\n$ {printable}", flush=True)
+    if done is not None and done.exists():
+        print(f"  already done: {short(done)}")
+        return
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    if cmd[0] == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), *cmd[1:]]
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
+    if result.returncode:
+        raise SystemExit(f"demo step failed (exit {result.returncode}): {title}")
+
+
+def print_summary(out: Path, source: Path, pruned: Path, cpt: Path, source_eval: Path, sizes: Sizes) -> None:
+    rows = [json.loads(line) for line in (cpt / "results.jsonl").read_text().splitlines()]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("primary", True)]
+    first, last = min(r["step"] for r in ok), max(r["step"] for r in ok)
+
+    def at(step: int) -> dict[str, float]:
+        return {r["task"]: r["value"] for r in ok if r["step"] == step}
+
+    metric_of = {r["task"]: r["metric"] for r in ok}  # the metric the paper reports for each task
+    source_metrics = json.loads(source_eval.read_text())
+    reference = {task: source_metrics.get(task, {}).get(metric) for task, metric in metric_of.items()}
+    report = json.loads((pruned / "prune_report.json").read_text())
+    kept = sizes.layers - len(report["removed_blocks"])
+    columns = (f"source ({sizes.layers} blocks)", f"pruned ({kept})", f"pruned + CPT ({last} steps)")
+    print(f"\n{'task':<16}{'metric':<10}" + "".join(f"{c:>26}" for c in columns))
+    for task in sorted(metric_of):
+        values = (reference.get(task), at(first).get(task), at(last).get(task))
+        print(f"{task:<16}{metric_of[task]:<10}"
+              + "".join(f"{v:>26.4f}" if isinstance(v, float) else f"{'-':>26}" for v in values))
+    print(f"\nremoved blocks (PPL criterion): {report['removed_blocks']}")
+    print("artifacts:")
+    for what, path in [("token shards", out / "shards"), ("source model", source), ("pruned model + report", pruned),
+                       ("CPT run (checkpoints, train_log.jsonl, results.jsonl)", cpt), ("curves", out / "curves.png")]:
+        print(f"  {what:<56} {path}")
+
+
+def short(value) -> str:
+    text = str(value)
+    return os.path.relpath(text, ROOT) if text.startswith(str(ROOT.parent)) else text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
