@@ -33,6 +33,7 @@ RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
 GEOMETRIES = {  # seq_len, micro batch, model builder arguments
     "tiny": {"seq_len": 128, "micro": 2, "layers": 4},
     "vicuna-2.7b": {"seq_len": 2048, "micro": 2, "layers": 12},
+    "vicuna-1.5b": {"seq_len": 2048, "micro": 2, "layers": 6},
 }
 
 
