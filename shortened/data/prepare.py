@@ -137,7 +137,10 @@ def prepare_shards(config: PrepareConfig) -> dict:
 
 
 class _Packer:
-    """Consumes unit results in order, writes full shards, checkpoints after each shard."""
+    """Consumes unit results in order, streams whole sequences into the open shard, checkpoints after each shard.
+
+    Memory holds one unit's result and less than one sequence of carry-over, whatever the shard or corpus size.
+    """
 
     def __init__(self, config: PrepareConfig, output: Path, work: Path, state: PackState, tokenizer_sha256: str,
                  dtype: np.dtype) -> None:
@@ -145,6 +148,7 @@ class _Packer:
         self.tokenizer_sha256, self.dtype = tokenizer_sha256, dtype
         self.stats = PrepStats.from_dict(state.stats) if state.stats else PrepStats()
         self.buffer = TokenBuffer(dtype)
+        self.writer: ShardWriter | None = None
         self.finished = False
         self._docs_at_start = self.stats.docs_total
         self._tokens_at_start = self.stats.tokens_total
@@ -168,16 +172,21 @@ class _Packer:
         starts = doc_starts_from_lengths(doc_lens)
         first_doc = int(np.searchsorted(starts, skip))
         self.buffer.append(result.tokens[skip:kept_tokens], starts[first_doc:] - skip)
-        while len(self.buffer) >= self.config.sequences_per_shard * self.config.seq_len:
-            self._write_shard(self.config.sequences_per_shard * self.config.seq_len)
-            # What stays buffered is a suffix of this unit: resume re-reads it from here.
-            self._checkpoint(unit.index, kept_tokens - len(self.buffer), stats_before_unit)
+        capacity = self.config.sequences_per_shard * self.config.seq_len
+        while len(self.buffer) >= self.config.seq_len:
+            writer = self._open_writer()
+            whole = len(self.buffer) // self.config.seq_len * self.config.seq_len
+            writer.write(*self.buffer.pop(min(whole, capacity - writer.num_tokens)))
+            if writer.num_tokens == capacity:
+                self._close_shard()
+                # A shard closes after at least one sequence of this unit went into it, so what stays buffered
+                # is a suffix of this unit: resume re-reads the unit from there.
+                self._checkpoint(unit.index, kept_tokens - len(self.buffer), stats_before_unit)
 
     def finish(self, config: PrepareConfig, tokenizer, files: list[InputFile], fingerprint: str) -> dict:
-        whole = len(self.buffer) // config.seq_len * config.seq_len
-        dropped = len(self.buffer) - whole
-        if whole:
-            self._write_shard(whole)
+        dropped = len(self.buffer)  # less than one sequence: the final partial sequence
+        if self.writer is not None:
+            self._close_shard()
         shards = self.state.shards
         manifest = {
             "format_version": MANIFEST_VERSION,
@@ -221,12 +230,16 @@ class _Packer:
         cumulative = np.cumsum(doc_lens)
         return min(len(doc_lens), int(np.searchsorted(cumulative, remaining)) + 1)
 
-    def _write_shard(self, count: int) -> None:
-        tokens, doc_starts = self.buffer.pop(count)
-        name = f"shard_{len(self.state.shards):05d}.bin"
-        writer = ShardWriter(self.output / name, self.config.seq_len, self.dtype, self.tokenizer_sha256)
-        writer.write(tokens, doc_starts)
-        header = writer.close()
+    def _open_writer(self) -> ShardWriter:
+        if self.writer is None:
+            name = f"shard_{len(self.state.shards):05d}.bin"
+            self.writer = ShardWriter(self.output / name, self.config.seq_len, self.dtype, self.tokenizer_sha256)
+        return self.writer
+
+    def _close_shard(self) -> None:
+        header = self.writer.close()
+        name = self.writer.path.name
+        self.writer = None
         self.state.shards.append({
             "file": name,
             "sha256": file_sha256(self.output / name),
