@@ -29,11 +29,11 @@ from shortened.data.shards import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
     ShardWriter,
-    file_sha256,
     token_dtype,
 )
 from shortened.data.sources import InputFile, WorkUnit, auto_unit_bytes, discover, plan_units
 from shortened.data.tokenize_worker import UnitResult, UnitTask, init_worker, load_unit_result, tokenize_unit
+from shortened.fsutil import atomic_write_json, file_sha256, remove_stale_temps
 from shortened.tokenizer import load_tokenizer
 
 WORK_DIR = ".work"
@@ -108,8 +108,8 @@ def prepare_shards(config: PrepareConfig) -> dict:
         fingerprint, config.unit_bytes or auto_unit_bytes(files, config.workers)
     )
     units = plan_units(files, state.unit_bytes)
-    for stale in list(output.glob("*.tmp")) + list(work.glob("*.tmp*")):
-        stale.unlink()  # half-written shards or unit results of a killed run
+    remove_stale_temps(output)  # half-written shards or unit results of a killed run
+    remove_stale_temps(work)
     kept_units = len(list(work.glob("unit_*.npz")))
     if state.shards or kept_units:
         _say(config, f"resuming: {len(state.shards)} shard(s) finished, packing from unit {state.next_unit} of "
@@ -127,10 +127,10 @@ def prepare_shards(config: PrepareConfig) -> dict:
             if packer.finished:
                 break
     manifest = packer.finish(config, tokenizer, files, fingerprint)
-    _write_json(output / RUN_INFO_NAME, {
+    atomic_write_json({
         "command": sys.argv, "workers": config.workers, "unit_bytes": state.unit_bytes,
         "seconds": round(time.time() - started, 3),
-    })
+    }, output / RUN_INFO_NAME)
     shutil.rmtree(work)
     _say(config, packer.stats.summary() + "\n" + _shard_summary(manifest, output))
     return manifest
@@ -212,7 +212,7 @@ class _Packer:
             "inputs": [{"file": f.name} for f in files],
             "shards": shards,
         }
-        _write_json(self.output / MANIFEST_NAME, manifest)  # last: its presence means the output is complete
+        atomic_write_json(manifest, self.output / MANIFEST_NAME)  # last: its presence means the output is complete
         return manifest
 
     def rate_text(self, seconds: float) -> str:
@@ -251,7 +251,7 @@ class _Packer:
 
     def _checkpoint(self, unit_index: int, skip_tokens: int, stats_before_unit: dict) -> None:
         self.state.next_unit, self.state.skip_tokens, self.state.stats = unit_index, skip_tokens, stats_before_unit
-        _write_json(self.work / STATE_NAME, vars(self.state))
+        atomic_write_json(vars(self.state), self.work / STATE_NAME)
         for path in self.work.glob("unit_*.npz"):
             if _unit_index(path) < unit_index:
                 path.unlink()  # fully inside finished shards
@@ -342,16 +342,6 @@ def _unit_index(path: Path) -> int:
 def _unit_bytes(unit: WorkUnit, file: InputFile) -> int:
     end = file.size_hint if unit.end is None else min(unit.end, file.size_hint)
     return max(0, end - unit.start)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _progress(config: PrepareConfig, total: int, in_bytes: bool) -> tqdm:

@@ -9,11 +9,10 @@ A shard file is
     bytes [doc_starts_offset, ..) num_docs little-endian int64: shard-local positions where a document's <s> sits
 
 The header region is padded to HEADER_BYTES so the token array starts page-aligned and can be memory-mapped.
-Writers write to `<name>.tmp` and rename when complete: a shard that exists under its final name is whole.
+Writers write to a temporary name and rename when complete: a shard that exists under its final name is whole.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -21,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from shortened.fsutil import file_sha256, fsync_dir, temp_path
 
 MAGIC = b"SHRTTOK1"
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, seq_len: int, dtype: np.dtype, tokenizer_sha256: str) -> None:
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.tmp_path = temp_path(self.path)
         self.seq_len = seq_len
         self.dtype = np.dtype(dtype)
         self.tokenizer_sha256 = tokenizer_sha256
@@ -97,6 +98,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp_path, self.path)
+        fsync_dir(self.path.parent)
         return header
 
     def abort(self) -> None:
@@ -137,14 +139,6 @@ class Shard:
                                 shape=(h.num_sequences, h.seq_len))
         self.doc_starts = np.memmap(self.path, dtype="<i8", mode="r", offset=h.doc_starts_offset,
                                     shape=(h.num_docs,)) if h.num_docs else np.zeros(0, "<i8")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: str | Path) -> dict:

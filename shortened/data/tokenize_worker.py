@@ -6,8 +6,8 @@ exists under its final name was written whole, so a restarted run keeps it.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from shortened.data.sources import BadLine, InputFile, UnitReadLog, WorkUnit, read_unit
+from shortened.fsutil import atomic_write_bytes
 from shortened.tokenizer import Tokenizer, load_tokenizer
 
 _tokenizer: Tokenizer | None = None
@@ -94,11 +95,8 @@ def load_unit_result(path: str | Path) -> UnitResult:
 
 
 def _save(path: str, result: UnitResult) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
     meta = {"source_names": result.source_names, "bad": [vars(b) for b in result.bad], "filtered": result.filtered}
-    with open(tmp, "wb") as handle:
-        np.savez(handle, tokens=result.tokens, doc_lens=result.doc_lens, doc_bytes=result.doc_bytes,
-                 doc_source=result.doc_source, meta=np.array(json.dumps(meta)))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    blob = io.BytesIO()
+    np.savez(blob, tokens=result.tokens, doc_lens=result.doc_lens, doc_bytes=result.doc_bytes,
+             doc_source=result.doc_source, meta=np.array(json.dumps(meta)))
+    atomic_write_bytes(blob.getvalue(), Path(path))

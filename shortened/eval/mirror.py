@@ -8,7 +8,6 @@ that `include:`s it and swaps the hub dataset for the mirror's files (`dataset_p
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from shortened.config import ConfigError
 from shortened.eval.tasks import HubSource, LmEvalTask, PerplexityTask, TaskSpec
+from shortened.fsutil import atomic_write_json, atomic_write_text
 
 PREPARE_COMMAND = "python launch/prepare_eval_data.py --data-dir {data_dir}"
 MIRROR_MANIFEST = "mirror.json"
@@ -126,7 +126,7 @@ def prepare(data_dir: str | Path, specs: Sequence[TaskSpec], source: RowSource =
     record = json.loads(manifest.read_text()) if manifest.is_file() else {"version": 1, "files": {}}
     for spec, split, rel in jobs:
         record["files"][rel] = {"task": spec.name, "rows": written[rel], "hub": spec.hub.__dict__, "split": split}
-    _atomic_write(manifest, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    atomic_write_json(record, manifest)
     return written
 
 
@@ -144,15 +144,5 @@ def _write_jsonl(path: Path, rows: Iterable[dict], limit: int) -> int:
         lines.append(json.dumps(dict(row), ensure_ascii=False))
         if limit and len(lines) == limit:
             break
-    _atomic_write(path, "".join(line + "\n" for line in lines))
+    atomic_write_text("".join(line + "\n" for line in lines), path)
     return len(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

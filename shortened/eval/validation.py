@@ -11,7 +11,7 @@ import torch
 
 from shortened.data.shards import PackedShards, open_shards
 from shortened.eval.scoring import nll_sum
-from shortened.tokenizer import file_sha256
+from shortened.fsutil import file_sha256
 
 TASK = "validation"
 METRIC = "loss"

@@ -29,6 +29,7 @@ from shortened.eval.mirror import check_mirror
 from shortened.eval.results import RESULTS_FILE, append_rows, failed_row, read_results, stamp
 from shortened.eval.suite import EvalSuite
 from shortened.eval.tasks import load_task_table, select_tasks
+from shortened.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,7 @@ class WatchState:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": 1, "evaluated": self.evaluated}, indent=1, sort_keys=True) + "\n")
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_json({"version": 1, "evaluated": self.evaluated}, self.path)
 
 
 def pending(checkpoints: Sequence[Checkpoint], state: WatchState, every_tokens: int = 0) -> list[Checkpoint]:

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from shortened.fsutil import atomic_write_text, fsync_dir, fsync_tree
+
 MARKER = "complete.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -38,11 +40,12 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    _write_synced(tmp / MARKER, json.dumps({"step": step, "time": time.time()}))
+    fsync_tree(tmp)  # the data reaches the disk before the marker that vouches for it
+    atomic_write_text(json.dumps({"step": step, "time": time.time()}), tmp / MARKER)
     if final.exists():  # a leftover of a run that died after this rename but before training went past it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -85,18 +88,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

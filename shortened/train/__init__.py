@@ -9,6 +9,6 @@
     checkpoint  marker-last saves, discovery, compatibility checks, universal conversion, retention, run-dir lock
     rng         RNG capture / restore          signals   SIGTERM / SIGUSR1 preemption
     metrics     train_log.jsonl, TensorBoard, progress, MFU          hooks   the seam for inline evaluation
-    export      checkpoint -> Hugging Face model                     fsutil  durable writes
+    export      checkpoint -> Hugging Face model
     failpoints  named stall points for fault tests
 """

@@ -37,7 +37,7 @@ import yaml
 from shortened.modeling import save_with_tokenizer
 from shortened.train.distributed import DistEnv, barrier
 from shortened.train.failpoints import failpoint
-from shortened.train.fsutil import atomic_write_json, fsync_dir, fsync_file, fsync_tree, remove_tree
+from shortened.fsutil import atomic_write_json, fsync_dir, fsync_file, fsync_tree, remove_tree
 from shortened.train.rng import save_rng_state
 
 log = logging.getLogger(__name__)

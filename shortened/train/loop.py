@@ -27,7 +27,7 @@ from shortened.train.engine import build_engine, load_model
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
-from shortened.train.fsutil import atomic_write_json
+from shortened.fsutil import atomic_write_json
 from shortened.train.plan import RunPlan, plan_run, training_state
 from shortened.train.rng import load_rng_state, restore_rng_state, seed_everything
 from shortened.train.signals import StopRequest, ignore_stop_signals

@@ -17,7 +17,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from shortened.train.fsutil import atomic_write_bytes
+from shortened.fsutil import atomic_write_bytes
 
 TRAIN_LOG = "train_log.jsonl"
 # Dense bf16 peak FLOP/s per device (no sparsity), by substring of torch.cuda.get_device_name().

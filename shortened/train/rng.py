@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from shortened.train.fsutil import atomic_torch_save
+from shortened.fsutil import atomic_torch_save
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,12 @@
-"""Durable file writes: temp file, fsync, rename, fsync of the directory. A reader sees the old file or the new one."""
+"""Durable file writes: temp file, fsync, rename, fsync of the directory. A reader sees the old file or the new one.
+
+Shared by every part that writes files others read (shards, manifests, checkpoints, results), so "complete or
+absent" means the same thing everywhere. Temporary files are `.<name>.tmp<pid>` beside their target: two writers
+never share one, and `remove_stale_temps` clears what a killed process left.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -8,6 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Delete the temporary files that writers killed mid-write left in `directory`."""
+    for stale in directory.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -25,7 +49,7 @@ def fsync_file(path: Path) -> None:
 
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -34,13 +58,17 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
 def atomic_write_json(obj: Any, path: Path) -> None:
-    atomic_write_bytes((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), path)
+    atomic_write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", path)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     torch.save(obj, tmp)
     fsync_file(tmp)
     os.replace(tmp, path)
