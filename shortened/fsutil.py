@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -67,6 +65,8 @@ def atomic_write_json(obj: Any, path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch  # here, not at the top: data prep workers use this module and must not pay torch's import
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     torch.save(obj, tmp)

@@ -174,3 +174,11 @@ def test_hf_streaming_input_gives_the_same_shards(tmp_path, sample_shards, slimp
     for key in ("num_sequences", "tokens_total", "tokens_dropped", "docs_total", "sources", "bad"):
         assert manifest[key] == offline[key], key
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in offline["shards"]]
+
+
+def test_data_prep_does_not_import_torch():
+    # Every worker process pays for what data prep imports: torch would add ~400 MB and seconds per worker.
+    code = "import sys, shortened.data.prepare, shortened.data.tokenize_worker; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip() == "False"
