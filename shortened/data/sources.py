@@ -146,9 +146,10 @@ def plan_units(files: list[InputFile], unit_bytes: int) -> list[WorkUnit]:
 
 
 def auto_unit_bytes(files: list[InputFile], workers: int) -> int:
-    """Small enough that every worker gets several units (load balance), large enough to amortise start-up."""
+    """Small enough that every worker gets many units (the last unit of a run keeps one worker busy while the
+    others idle), large enough that a unit's fixed cost (skipping to its range, writing its result) is small."""
     total = sum(f.size_hint for f in files)
-    target = total // max(1, workers * 8)
+    target = total // max(1, workers * 32)
     return int(min(64 << 20, max(256 << 10, target)))
 
 
