@@ -6,8 +6,8 @@
 (b) our pipeline end to end from .jsonl.zst with 1 and 2 workers;
 (c) a `datasets` pipeline to the same packed output: load_dataset("json") + batched map (num_proc 1 and 2)
     + group-texts;
-(d) the TinyLlama prepare_slimpajama approach: one process per file subset, each packing its own stream in
-    chunks of 1024 sequences and dropping its last partial chunk (re-implemented here, not their code);
+(d) the TinyLlama prepare_slimpajama approach: one process per file subset, each packing its own stream into
+    chunk files of 1024 sequences and dropping its last partial chunk (re-implemented here, not their code);
 plus peak RSS of our pipeline on 1x and Nx the corpus, and the shard loader's sequences/s on one core.
 The corpus is the shared SlimPajama sample repeated `--copies` times.
 """
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import psutil
@@ -113,23 +114,31 @@ def datasets_pipeline(files: list[Path], num_proc: int, cache: Path) -> tuple[fl
     return time.perf_counter() - start, sequences * SEQ_LEN
 
 
-def _tinyllama_worker(files: list[str], queue) -> None:
+def _tinyllama_worker(files: list[str], out_dir: str, queue) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     chunk_tokens = 1024 * (SEQ_LEN + 1)  # TinyLlama packs chunks of 1024 blocks of block_size + 1 tokens
-    kept, buffered = 0, 0
+    buffer = array("H")
+    kept = 0
     for text in read_texts([Path(f) for f in files]):
-        buffered += len(sp.encode(text)) + 2
-        while buffered >= chunk_tokens:
+        buffer.append(1)
+        buffer.extend(sp.encode(text))
+        buffer.append(2)
+        while len(buffer) >= chunk_tokens:
+            with open(Path(out_dir) / f"{os.getpid()}_{kept // chunk_tokens:05d}.bin", "wb") as handle:
+                buffer[:chunk_tokens].tofile(handle)
+            del buffer[:chunk_tokens]
             kept += chunk_tokens
-            buffered -= chunk_tokens
     queue.put(kept)  # the last partial chunk of each process is never written
 
 
-def tinyllama_approach(files: list[Path], processes: int) -> tuple[float, int]:
+def tinyllama_approach(files: list[Path], processes: int, out: Path) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     start = time.perf_counter()
     queue = multiprocessing.Queue()
     subsets = [files[i::processes] for i in range(processes)]
-    procs = [multiprocessing.Process(target=_tinyllama_worker, args=([str(f) for f in s], queue)) for s in subsets]
+    procs = [multiprocessing.Process(target=_tinyllama_worker, args=([str(f) for f in s], str(out), queue))
+             for s in subsets]
     for p in procs:
         p.start()
     kept = sum(queue.get() for _ in procs)
@@ -191,7 +200,7 @@ def main() -> None:
 
         d = {}
         for processes in (1, 2):
-            seconds, kept = tinyllama_approach(files, processes)
+            seconds, kept = tinyllama_approach(files, processes, tmp / "tinyllama")
             d[processes] = mb / seconds
             print(f"(d) TinyLlama approach, {processes} process(es)        {d[processes]:6.2f} MB/s  "
                   f"dropped {expected_tokens - kept:,} tokens ({(expected_tokens - kept) / expected_tokens:.0%})",

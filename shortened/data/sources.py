@@ -150,7 +150,7 @@ def auto_unit_bytes(files: list[InputFile], workers: int) -> int:
     others idle), large enough that a unit's fixed cost (skipping to its range, writing its result) is small."""
     total = sum(f.size_hint for f in files)
     target = total // max(1, workers * 32)
-    return int(min(64 << 20, max(256 << 10, target)))
+    return int(min(8 << 20, max(256 << 10, target)))  # 8 MiB cap: a worker's memory stays that of one unit
 
 
 def read_unit(f: InputFile, unit: WorkUnit, log: UnitReadLog, sources: frozenset[str] | None = None,
