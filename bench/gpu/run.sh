@@ -15,6 +15,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python}
 NPROC=${NPROC:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 REPORT="$OUT/gpu-benchmarks.md"
+# Progress bars are for people watching; the report keeps only the tables.
+export TQDM_DISABLE=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1
 
 if [ "${SMOKE:-0}" = 1 ]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
@@ -41,7 +43,7 @@ fi
 section() {  # section TITLE COMMAND...: run, show, and append the output as a code block
   local title=$1; shift
   echo "==> $title: $*"
-  { echo "### $title"; echo; echo '```'; echo "\$ $*"; "$@" 2>&1 | grep -v -E '^\[|it/s\]|^ *$' | tee /dev/stderr; echo '```'; echo; } >> "$REPORT"
+  { echo "### $title"; echo; echo '```'; echo "\$ $*"; "$@" 2>&1 | tr '\r' '\n' | grep -v -E '^\[|%\||^ *$' | tee /dev/stderr; echo '```'; echo; } >> "$REPORT"
 }
 
 for geometry in "${TRAIN_GEOMETRIES[@]}"; do
