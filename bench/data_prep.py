@@ -93,8 +93,9 @@ def ours(corpus: Path, out: Path, workers: int) -> tuple[float, float]:
 
 def datasets_pipeline(files: list[Path], num_proc: int, cache: Path) -> tuple[float, int]:
     """load_dataset("json") + batched map + group-texts, the way most HF training scripts prepare data."""
-    from datasets import load_dataset
+    from datasets import disable_progress_bars, load_dataset
 
+    disable_progress_bars()  # the bench prints one line per pipeline
     shutil.rmtree(cache, ignore_errors=True)
     start = time.perf_counter()
     dataset = load_dataset("json", data_files=[str(f) for f in files], split="train", cache_dir=str(cache))
