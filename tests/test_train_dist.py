@@ -408,3 +408,11 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
         assert by[(step, "wikitext2", "ppl")]["status"] == "ok"
         assert by[(step, "wikitext2", "ppl")]["tokens"] == step * GLOBAL_BATCH * SEQ
     assert by[(8, "wikitext2", "ppl")]["value"] < by[(0, "wikitext2", "ppl")]["value"]
+
+    # The console gets one line per evaluation from rank 0; the scorers' per-rank progress bars go to files.
+    console = (work / "inline_eval.out").read_text()
+    assert console.count("evaluation at step") == 3
+    assert "wikitext2 ppl" in console and "FAILED: piqa" in console
+    assert "wikitext2: 100%" not in console
+    assert "wikitext2: 100%" in (run_dir / "logs" / "eval_rank0.log").read_text()
+    assert "Failed to load JSON" in (run_dir / "logs" / "eval_rank1.log").read_text()  # the datasets reader's own words

@@ -12,7 +12,9 @@ state and the model's train/eval mode as it found them, so the training loss tra
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -60,16 +62,38 @@ class InlineEvaluator:
     def __call__(self, model: torch.nn.Module, step: int, tokens: int,
                  checkpoint: str | None = None) -> list[dict[str, Any]]:
         """Evaluate `model` (the DeepSpeed engine's `.module`); the stamped rows, identical on every rank."""
-        try:
-            rows = self.suite.run(model)
-        except Exception:  # the suite records task failures itself; this is the last line of defence
-            error = traceback.format_exc()
-            log.error("inline evaluation at step %d failed:\n%s", step, error)
-            rows = [failed_row("evaluation", "-", error)]
+        rank = self.groups.rank if self.groups else 0
+        start = time.perf_counter()
+        with _library_output_to(self.run_dir / "logs" / f"eval_rank{rank}.log"):
+            try:
+                rows = self.suite.run(model)
+            except Exception:  # the suite records task failures itself; this is the last line of defence
+                error = traceback.format_exc()
+                log.error("inline evaluation at step %d failed:\n%s", step, error)
+                rows = [failed_row("evaluation", "-", error)]
         rows = stamp(rows, run=self.run_name, step=step, tokens=tokens, source="inline", checkpoint=checkpoint)
-        if (self.groups.rank if self.groups else 0) == 0:
+        if rank == 0:
+            log.info("evaluation at step %d (%s tokens, %.1f s): %s", step, f"{tokens:,}",
+                     time.perf_counter() - start, headline(rows))
             try:
                 append_rows(self.results_path, rows)
             except OSError as err:  # a full disk must not end a training run
                 log.error("could not append evaluation results to %s: %s", self.results_path, err)
         return rows
+
+
+def headline(rows: list[dict[str, Any]]) -> str:
+    """One console line for an evaluation: each task's reported metric, and the tasks that failed."""
+    shown = [f"{r['task']} {r['metric']} {r['value']:.4g}" for r in rows if r["status"] == "ok" and r["primary"]]
+    failed = sorted({r["task"] for r in rows if r["status"] != "ok"})
+    return ", ".join(shown + ([f"FAILED: {', '.join(failed)} (see results.jsonl)"] if failed else [])) or "no rows"
+
+
+@contextlib.contextmanager
+def _library_output_to(path: Path):
+    """lm-eval, datasets and our scorers draw a progress bar per task on every rank; inside a training job they
+    would shred the trainer's own progress line, so what they write to stderr goes to a per-rank file instead
+    (kept for debugging, not discarded). Logging is unaffected: its handlers hold the real stderr."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
+        yield

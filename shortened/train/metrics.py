@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from shortened.fsutil import atomic_write_bytes
 
@@ -76,6 +77,9 @@ class TrainLogger:
         tty = sys.stderr.isatty()
         self.bar = tqdm(total=stop_tokens, initial=start_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                         mininterval=1 if tty else 30, desc="train", file=sys.stderr)
+        # Log records (checkpoints, evaluations) print above the bar instead of through it.
+        self._logging_via_bar = logging_redirect_tqdm()
+        self._logging_via_bar.__enter__()
 
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -94,6 +98,7 @@ class TrainLogger:
         self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
+        self._logging_via_bar.__exit__(None, None, None)
         self.bar.close()
         self.file.close()
         if self.writer is not None:
