@@ -36,15 +36,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # directory holding manifest.json and the token shards
+    path: str = ""  # format=shards: directory of manifest.json + token shards; format=stream: raw input
+    # stream: data.path is a SlimPajama tree / .jsonl(.zst) file / hf://DATASET, tokenized on the fly with the
+    # model's tokenizer, in input order (no global shuffle), for quick runs on unprepared corpora.
+    format: Literal["shards", "stream"] = "shards"
+    split: str = ""  # format=stream: the split folder of data.path to read (e.g. train)
     validation_path: str = ""  # held-out shards for validation loss (optional)
     seq_len: int = 2048  # must equal the shards' sequence length
-    seed: int = 1234  # seed of the global sample permutation
+    seed: int = 1234  # seed of the global sample permutation (shards)
     num_workers: int = 2  # DataLoader worker processes per rank
 
     def __post_init__(self) -> None:
         _require(self.seq_len > 0, "data.seq_len", "must be positive")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(not self.split or self.format == "stream", "data.split",
+                 "is read with data.format=stream only (a shard directory holds one split already)")
 
 
 @dataclass

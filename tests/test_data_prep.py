@@ -120,6 +120,9 @@ def test_missing_input_or_tokenizer_is_one_line_and_exit_2(tmp_path, slimpajama_
         (prep_cmd(tmp_path / "nope", tokenizer_model, tmp_path / "o1"), "nope: input does not exist"),
         (prep_cmd(slimpajama_sample, tmp_path / "tok.model", tmp_path / "o2"), "tok.model: no such tokenizer"),
         (prep_cmd(slimpajama_sample, tokenizer_model, tmp_path / "o3", "--seq-len", "1"), "--seq-len"),
+        # Without --split the tree's train and validation folders would be mixed into one training set.
+        ([*PREP, "--input", str(slimpajama_sample), "--tokenizer", str(tokenizer_model), "--output",
+          str(tmp_path / "o4")], "holds the splits train, validation; choose one with --split"),
     ]:
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr

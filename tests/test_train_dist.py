@@ -22,7 +22,7 @@ from train_support import (
     BIN, CPT, GLOBAL_BATCH, HALF, HOOK_SCRIPT, RECIPE, SEQ, STEPS, Job, close, deepspeed, overrides, python, read_log,
     run_ok, same,
 )
-from shortened.config import RunConfig, load_config
+from shortened.config import ConfigError, RunConfig, load_config
 from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
@@ -416,3 +416,55 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
     assert "wikitext2: 100%" not in console
     assert "wikitext2: 100%" in (run_dir / "logs" / "eval_rank0.log").read_text()
     assert "Failed to load JSON" in (run_dir / "logs" / "eval_rank1.log").read_text()  # the datasets reader's own words
+
+
+# ---------------------------------------------------------------------------------------------- streamed raw input
+
+
+def test_streamed_raw_input_trains_in_input_order_and_resumes_exactly(work, slimpajama_sample, tiny_init_model,
+                                                                      train_shards_64):
+    """data.format=stream: the trainer reads the sample's .jsonl.zst itself. Step s trains on stream positions
+    (s-1)·B … s·B-1, which are rows of the offline shards of the same files, and a run stopped and resumed in
+    new processes repeats the straight run bit for bit."""
+    stream = ("data.format=stream", "data.split=train", f"train.max_steps={HALF}")
+    straight, resumed = work / "stream_straight", work / "stream_resumed"
+    run_ok(deepspeed(2, overrides(straight, slimpajama_sample, tiny_init_model, *stream), work / "stream.out"))
+    run_ok(deepspeed(2, overrides(resumed, slimpajama_sample, tiny_init_model, *stream, f"train.max_steps={HALF // 2}"),
+                     work / "stream_first_half.out"))
+    run_ok(deepspeed(2, overrides(resumed, slimpajama_sample, tiny_init_model, *stream), work / "stream_resume.out"))
+
+    trace, again = read_log(straight), read_log(resumed)
+    assert [r["step"] for r in trace] == list(range(1, HALF + 1))
+    assert all(same(a, b) for a, b in zip(trace, again)) and len(again) == HALF
+    for record in trace:
+        assert record["sample_ids"] == list(range((record["step"] - 1) * GLOBAL_BATCH, record["step"] * GLOBAL_BATCH))
+    assert trace[-1]["loss"] < trace[0]["loss"]
+
+    # What streams is what data_prep writes: the first sequences equal the offline shards' first rows.
+    from shortened.data.streaming import StreamSpec, stream_sequences
+    from shortened.tokenizer import load_tokenizer
+
+    spec = StreamSpec(str(slimpajama_sample), str(load_tokenizer(tiny_init_model).path), SEQ, split="train")
+    shards = PackedShards(train_shards_64)
+    for row, tokens in zip(range(HALF * GLOBAL_BATCH), stream_sequences(spec)):
+        assert np.array_equal(tokens, shards[row])
+
+
+def test_stream_config_mistakes_name_the_key(work, slimpajama_sample, tiny_init_model, train_shards_64):
+    base = overrides(work / "stream_errors", slimpajama_sample, tiny_init_model, "data.format=stream")
+
+    def plan(*extra: str):
+        return decide_plan(load_config(RunConfig, RECIPE, [*base, *extra]), 2)
+
+    with pytest.raises(ConfigError, match=r"data.path \(data.format=stream\): .*missing.*does not exist"):
+        plan(f"data.path={work / 'missing'}")
+    with pytest.raises(ConfigError, match=r"holds the splits train, validation; choose one with --split \(data.split"):
+        plan()
+    no_tokenizer = work / "no_tokenizer_model"
+    shutil.copytree(tiny_init_model, no_tokenizer)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=r"data.format=stream tokenizes with the tokenizer of model.init_from"):
+        plan("data.split=train", f"model.init_from={no_tokenizer}")
+    with pytest.raises(ConfigError, match=r"data.split.*data.format=stream only"):
+        load_config(RunConfig, RECIPE, [*overrides(work / "x", train_shards_64, tiny_init_model), "data.split=train"])

@@ -117,9 +117,12 @@ def discover_inputs(root: str | Path, split: str | None = None) -> list[InputFil
     else:
         base = root / split if split and (root / split).is_dir() else root
         other_splits = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in KNOWN_SPLITS)
+        # Reading the whole tree would silently mix held-out splits into training data.
         if split and base == root and other_splits:
-            # Reading the whole tree would silently mix held-out splits into training data.
             raise InputError(f"{root}: has no '{split}' folder, only {', '.join(other_splits)}; pass --split")
+        if not split and other_splits:
+            raise InputError(f"{root}: holds the splits {', '.join(other_splits)}; choose one with --split "
+                             "(data.split when training from the stream) or point at its folder")
         paths = sorted(p for p in base.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".zst")))
     if not paths:
         raise InputError(f"{base}: no .jsonl or .jsonl.zst files found")

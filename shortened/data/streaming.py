@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -103,7 +103,11 @@ class StreamingMicroBatches(IterableDataset):
 
 
 def build_streaming_loader(spec: StreamSpec, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                           dp_world_size: int, consumed_samples: int = 0, num_workers: int = 0) -> DataLoader:
+                           dp_world_size: int, consumed_samples: int = 0, num_workers: int = 0,
+                           pin_memory: bool = False,
+                           worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+    """The streaming counterpart of `build_train_loader`: same batches layout, same resume by `consumed_samples`."""
     dataset = StreamingMicroBatches(spec, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
                                     dp_rank=dp_rank, dp_world_size=dp_world_size, consumed_samples=consumed_samples)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory, worker_init_fn=worker_init_fn)

@@ -15,9 +15,11 @@ from typing import Any, Sequence
 
 import torch
 import yaml
+from torch.utils.data import DataLoader
 
 from shortened.config import RunConfig, TrainConfig, to_dict
 from shortened.data.loader import build_train_loader
+from shortened.data.streaming import StreamSpec, build_streaming_loader
 from shortened.modeling import train_flops_per_token
 from shortened.train import checkpoint as ckpt
 from shortened.train.distributed import (DistEnv, all_gather_ints, all_reduce_sum, apply_timeout_to_all_groups,
@@ -99,12 +101,7 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
     train_cfg, budget = config.train, plan.budget
     step, consumed = plan.start_step, plan.consumed_samples
     seq_len = plan.identity["seq_len"]
-    loader = build_train_loader(config.data.path, global_batch_size=train_cfg.global_batch_size,
-                                micro_batch_size=train_cfg.micro_batch_size, dp_rank=env.rank,
-                                dp_world_size=env.world_size, seed=config.data.seed, consumed_samples=consumed,
-                                num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda",
-                                worker_init_fn=ignore_stop_signals)
-    batches = iter(loader)
+    batches = iter(_train_loader(config, env, plan))
     grad_accum = engine.gradient_accumulation_steps()
     flops_per_token = train_flops_per_token(engine.module.config, seq_len)
     peak = peak_flops(env.device, config.log.peak_tflops)
@@ -173,6 +170,19 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
     finally:
         if logger is not None:
             logger.close()
+
+
+def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
+    """This rank's micro-batches from `plan.consumed_samples` on: shards in the global order, or the raw stream."""
+    layout = dict(global_batch_size=config.train.global_batch_size, micro_batch_size=config.train.micro_batch_size,
+                  dp_rank=env.rank, dp_world_size=env.world_size, consumed_samples=plan.consumed_samples,
+                  num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda",
+                  worker_init_fn=ignore_stop_signals)
+    if config.data.format == "stream":
+        spec = StreamSpec(config.data.path, str(plan.tokenizer_file), config.data.seq_len,
+                          split=config.data.split or None)
+        return build_streaming_loader(spec, **layout)
+    return build_train_loader(config.data.path, seed=config.data.seed, **layout)
 
 
 def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.device,

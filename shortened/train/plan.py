@@ -5,6 +5,8 @@ file system and a bad config stops every rank at once with one message, never le
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import yaml
 
 from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, to_dict
 from shortened.data.shards import read_manifest
+from shortened.data.sources import InputError, discover
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
 from shortened.train.checkpoint import (FORMAT_VERSION, Checkpoint, architecture, check_batch_position, check_compatible,
                                         ensure_universal, lock_run_dir, resolve_resume)
@@ -75,9 +78,12 @@ def on_rank0(env: DistEnv, decide: Callable[[], Any]) -> Any:
     return outcome[0]
 
 
-def data_identity(config: RunConfig) -> dict[str, Any]:
+def data_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
     if not config.data.path:
-        raise ConfigError("data.path: must name a shard directory (prepare one with data_prep/slimpajama.py)")
+        raise ConfigError("data.path: must name a shard directory (prepare one with data_prep/slimpajama.py), "
+                          "or raw .jsonl(.zst) input with data.format=stream")
+    if config.data.format == "stream":
+        return stream_identity(config, model_dir)
     manifest = read_manifest(config.data.path)
     if manifest["seq_len"] != config.data.seq_len:
         raise ConfigError(
@@ -86,6 +92,23 @@ def data_identity(config: RunConfig) -> dict[str, Any]:
         )
     return {"seq_len": manifest["seq_len"], "tokenizer_sha256": manifest["tokenizer_sha256"],
             "data_fingerprint": manifest.get("fingerprint"), "num_sequences": manifest["num_sequences"]}
+
+
+def stream_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
+    """data.format=stream: the model's tokenizer encodes the raw input; the fingerprint names the input files."""
+    data = config.data
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except TokenizerNotFound:
+        raise ConfigError(f"data.format=stream tokenizes with the tokenizer of model.init_from, and {model_dir} has "
+                          "none; copy its tokenizer.model there") from None
+    try:
+        files = discover(data.path, data.split or None)
+    except InputError as err:
+        raise ConfigError(f"data.path (data.format=stream): {err}") from None
+    listing = json.dumps([data.split, tokenizer.sha256, [(f.name, f.size_hint) for f in files]])
+    return {"seq_len": data.seq_len, "tokenizer_sha256": tokenizer.sha256, "num_sequences": None,
+            "data_fingerprint": "stream:" + hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
 
 def model_tokenizer(model_dir: Path, data_sha256: str) -> Path | None:
@@ -119,8 +142,8 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     """Rank 0's part of `plan_run`: every check and the resume decision, no collectives."""
     config.train.grad_accum_steps(world_size)  # a world size that does not divide the batch fails here
     run_dir = Path(config.run_dir)
-    data = data_identity(config)
     model_dir = resolve_model_dir(config.model.init_from)
+    data = data_identity(config, model_dir)
     hf_config = hf_config_dict(model_dir)
     identity = {"seq_len": data["seq_len"], "tokenizer_sha256": data["tokenizer_sha256"],
                 "data_fingerprint": data["data_fingerprint"], "architecture": architecture(hf_config)}
