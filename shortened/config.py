@@ -45,6 +45,10 @@ class DataConfig:
     seq_len: int = 2048  # must equal the shards' sequence length
     seed: int = 1234  # seed of the global sample permutation (shards)
     num_workers: int = 2  # DataLoader worker processes per rank
+    # Attend only within each document of a packed sequence (position ids restart at every <s>). Off by default:
+    # the published CPT, like LLaMA's pretraining, lets packed documents attend to each other. With sdpa/eager it
+    # materializes a (seq_len x seq_len) mask per sequence; on GPUs use model.attn_implementation=flash_attention_2.
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         _require(self.seq_len > 0, "data.seq_len", "must be positive")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shortened.data.loader import build_train_loader
+from shortened.data.packing import document_position_ids
 from shortened.data.sampler import FeistelPermutation, GlobalOrderSampler
 from shortened.data.shards import PackedShards
 
@@ -85,3 +86,11 @@ def test_sampler_rejects_inconsistent_batches():
         GlobalOrderSampler(100, 8, 3, dp_rank=0, dp_world_size=2, seed=0)
     with pytest.raises(ValueError, match="global-batch boundary"):
         GlobalOrderSampler(100, 8, 2, dp_rank=0, dp_world_size=2, seed=0, consumed_samples=4)
+
+
+def test_document_position_ids_restart_at_every_document():
+    assert document_position_ids(np.array([0, 3, 7]), 10).tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]
+    # A sequence that opens inside a document counts from 0, like any sequence; no start at all is one segment.
+    assert document_position_ids(np.array([4]), 6).tolist() == [0, 1, 2, 3, 0, 1]
+    assert document_position_ids(np.array([], dtype=np.int64), 4).tolist() == [0, 1, 2, 3]
+

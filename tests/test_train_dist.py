@@ -23,12 +23,15 @@ from train_support import (
     run_ok, same,
 )
 from shortened.config import ConfigError, RunConfig, load_config
+from shortened.data.loader import SequenceDataset, collate
 from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
 from shortened.train.cli import export_main
+from shortened.train.engine import load_model
 from shortened.train.export import export_hf, master_weights
+from shortened.train.loop import model_inputs
 from shortened.train.plan import decide_plan
 
 pytestmark = pytest.mark.timeout(900)
@@ -446,8 +449,37 @@ def test_streamed_raw_input_trains_in_input_order_and_resumes_exactly(work, slim
 
     spec = StreamSpec(str(slimpajama_sample), str(load_tokenizer(tiny_init_model).path), SEQ, split="train")
     shards = PackedShards(train_shards_64)
-    for row, tokens in zip(range(HALF * GLOBAL_BATCH), stream_sequences(spec)):
+    for row, (tokens, _) in zip(range(HALF * GLOBAL_BATCH), stream_sequences(spec)):
         assert np.array_equal(tokens, shards[row])
+
+
+def test_document_mask_trains_each_document_on_its_own(work, train_shards_64, tiny_init_model):
+    """data.document_mask=true on 2 ranks: the logged step-1 loss is the loss of that step's sequences with attention
+    kept inside each document (recomputed here from the logged samples), which differs from the plain packed loss."""
+    shards = PackedShards(train_shards_64)
+    seed = next(s for s in range(1000) if any(  # a data order whose first step holds a document starting mid-sequence
+        shards.doc_starts(int(i)).any() for i in GlobalOrderSampler(len(shards), GLOBAL_BATCH, 1, 0, 1, s)
+        .global_indices(0, GLOBAL_BATCH)))
+    run_dir = work / "document_mask"
+    args = overrides(run_dir, train_shards_64, tiny_init_model, "train.max_steps=4", "data.document_mask=true",
+                     f"data.seed={seed}")
+    run_ok(deepspeed(2, args, work / "document_mask.out"))
+    trace = read_log(run_dir)
+    assert [r["step"] for r in trace] == [1, 2, 3, 4] and trace[-1]["loss"] < trace[0]["loss"]
+
+    config = load_config(RunConfig, RECIPE, args)
+    model = load_model(config.model, tiny_init_model, config.train.precision, SEQ)
+    dataset = SequenceDataset(shards, document_mask=True)
+
+    def step_one_loss(keys: tuple[str, ...]) -> float:
+        with torch.no_grad():
+            losses = [model(**model_inputs(collate([{k: dataset[i][k] for k in keys}]), torch.device("cpu"))).loss
+                      for i in trace[0]["sample_ids"]]
+        return torch.stack(losses).double().mean().item()
+
+    masked, plain = step_one_loss(("input_ids", "position_ids")), step_one_loss(("input_ids",))
+    assert trace[0]["loss"] == pytest.approx(masked, rel=1e-6)
+    assert abs(plain - masked) > 1e-6 * masked
 
 
 def test_stream_config_mistakes_name_the_key(work, slimpajama_sample, tiny_init_model, train_shards_64):

@@ -12,12 +12,15 @@ import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from shortened.config import ConfigError, RunConfig, load_config
+from shortened.data.loader import build_train_loader
+from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama
 from shortened.train import checkpoint as ckpt
 from shortened.train.distributed import first_host, launch_variables
 from shortened.train.ds_config import build_deepspeed_config
 from shortened.train.engine import lr_factor
 from shortened.train.hooks import StepContext, call_hooks
+from shortened.train.loop import model_inputs
 from shortened.train.metrics import truncate_log
 from shortened.train.plan import plan_budget
 from shortened.train.rng import capture_rng_state, restore_rng_state
@@ -249,3 +252,27 @@ def test_truncate_log_keeps_one_line_per_step_up_to_the_resume_point(tmp_path):
     log.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
     truncate_log(log, 2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- document mask
+
+
+def test_document_mask_makes_each_document_attend_only_to_itself(sample_shards):
+    """With data.document_mask the loader's position ids make a real Llama score every document of a packed
+    sequence exactly as if it stood alone; without them the documents see each other."""
+    loader = iter(build_train_loader(sample_shards, global_batch_size=1, micro_batch_size=1, dp_rank=0,
+                                     dp_world_size=1, seed=1234, document_mask=True))
+    shards = PackedShards(sample_shards)
+    batch = next(b for b in loader if len(shards.doc_starts(int(b["sample_index"]))) >= 2)
+    starts = shards.doc_starts(int(batch["sample_index"]))
+    first, second = int(starts[0]), int(starts[1])  # a whole document, preceded by the tail of another one
+    assert first > 0 and batch["position_ids"][0, first:second].tolist() == list(range(second - first))
+
+    model = build_tiny_llama(seed=0, num_layers=2).eval()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        masked = model(**model_inputs(batch, cpu)).logits[0, first:second]  # what the trainer feeds the model
+        plain = model(**model_inputs({"input_ids": batch["input_ids"]}, cpu)).logits[0, first:second]
+        alone = model(input_ids=batch["input_ids"][:, first:second]).logits[0]
+    torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-5)
+    assert (plain - alone).abs().max() > 1e-3

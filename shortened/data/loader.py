@@ -7,21 +7,31 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shortened.data.packing import document_position_ids
 from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
 
 
 class SequenceDataset(Dataset):
-    """Map-style: item i is packed sequence i as `input_ids` (labels are the same ids; the model shifts)."""
+    """Map-style: item i is packed sequence i as `input_ids` (labels are the same ids; the model shifts).
 
-    def __init__(self, shards: PackedShards) -> None:
+    With `document_mask`, each item also holds `position_ids` that restart at every document, so the model attends
+    only within documents (see `document_position_ids`).
+    """
+
+    def __init__(self, shards: PackedShards, document_mask: bool = False) -> None:
         self.shards = shards
+        self.document_mask = document_mask
 
     def __len__(self) -> int:
         return len(self.shards)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.from_numpy(self.shards[index]), "sample_index": torch.tensor(index)}
+        item = {"input_ids": torch.from_numpy(self.shards[index]), "sample_index": torch.tensor(index)}
+        if self.document_mask:
+            positions = document_position_ids(self.shards.doc_starts(index), self.shards.seq_len)
+            item["position_ids"] = torch.from_numpy(positions)
+        return item
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -30,7 +40,7 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def build_train_loader(shards_dir: str | Path, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                        dp_world_size: int, seed: int, consumed_samples: int = 0, num_workers: int = 0,
-                       pin_memory: bool = False,
+                       pin_memory: bool = False, document_mask: bool = False,
                        worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
     """An endless loader of micro-batches; `consumed_samples` (global, at a step boundary) is where it starts.
 
@@ -40,7 +50,7 @@ def build_train_loader(shards_dir: str | Path, *, global_batch_size: int, micro_
     sampler = GlobalOrderSampler(len(shards), global_batch_size, micro_batch_size, dp_rank, dp_world_size, seed,
                                  consumed_samples)
     return DataLoader(
-        SequenceDataset(shards),
+        SequenceDataset(shards, document_mask),
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,

@@ -22,6 +22,21 @@ def doc_starts_from_lengths(doc_lens: np.ndarray) -> np.ndarray:
     return starts
 
 
+def document_position_ids(doc_starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Position of each token within its own document, restarting at 0 at every document start.
+
+    Fed to a Hugging Face Llama as `position_ids`, these make it attend only within each document: transformers reads
+    a restart as the start of a packed sequence (block-causal mask for sdpa/eager, varlen flash attention for FA2),
+    and each document gets the rotary positions it would have alone. The tail of a document cut off by the
+    sequence start begins at position 0, like any sequence.
+    """
+    positions = np.arange(seq_len, dtype=np.int64)
+    segment_start = np.zeros(seq_len, dtype=np.int64)
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    segment_start[starts] = starts
+    return positions - np.maximum.accumulate(segment_start)
+
+
 class TokenBuffer:
     """A FIFO of tokens that remembers where documents start, popped in whole sequences."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shortened.data.packing import TokenBuffer, doc_starts_from_lengths
+from shortened.data.packing import TokenBuffer, doc_starts_from_lengths, document_position_ids
 from shortened.data.prep_stats import describe_bad
 from shortened.data.shards import token_dtype
 from shortened.data.sources import discover, plan_units
@@ -39,8 +39,8 @@ class StreamSpec:
 
 
 
-def stream_sequences(spec: StreamSpec) -> Iterator[np.ndarray]:
-    """Every full packed sequence of the inputs, in order (one pass)."""
+def stream_sequences(spec: StreamSpec) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every full packed sequence of the inputs, in order (one pass), with the document starts inside it."""
     tokenizer = load_tokenizer(spec.tokenizer)
     files = discover(spec.input, spec.split, spec.hf_data_files)
     sources = frozenset(spec.sources) if spec.sources else None
@@ -52,15 +52,14 @@ def stream_sequences(spec: StreamSpec) -> Iterator[np.ndarray]:
             logger.warning("skipped bad input %s", describe_bad(f.name, bad))
         buffer.append(result.tokens, doc_starts_from_lengths(result.doc_lens))
         while len(buffer) >= spec.seq_len:
-            tokens, _ = buffer.pop(spec.seq_len)
-            yield tokens
+            yield buffer.pop(spec.seq_len)
 
 
 class StreamingMicroBatches(IterableDataset):
     """This rank's micro-batches of the stream from global position `consumed_samples`, pass after pass."""
 
     def __init__(self, spec: StreamSpec, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_world_size: int, consumed_samples: int = 0) -> None:
+                 dp_world_size: int, consumed_samples: int = 0, document_mask: bool = False) -> None:
         per_rank, rest = divmod(global_batch_size, dp_world_size)
         if rest or per_rank % micro_batch_size:
             raise ValueError(f"global batch {global_batch_size} does not split into {dp_world_size} ranks x "
@@ -71,32 +70,42 @@ class StreamingMicroBatches(IterableDataset):
         self.first = dp_rank * per_rank  # this rank's slice of each global batch: [first, first + per_rank)
         self.per_rank = per_rank
         self.consumed_samples = consumed_samples
+        self.document_mask = document_mask
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        micro_index, rows, positions = 0, [], []
-        for position, tokens in self._positions():
+        micro_index, rows, starts, positions = 0, [], [], []
+        for position, (tokens, doc_starts) in self._positions():
             if position < self.consumed_samples:
                 continue
             if not self.first <= position % self.global_batch_size < self.first + self.per_rank:
                 continue
             rows.append(tokens)
+            starts.append(doc_starts)
             positions.append(position)
             if len(rows) == self.micro_batch_size:
                 if micro_index % workers == worker:  # DataLoader collects workers round-robin: order is kept
-                    yield {"input_ids": torch.from_numpy(np.stack(rows).astype(np.int64)),
-                           "sample_index": torch.tensor(positions)}
+                    yield self._micro_batch(rows, starts, positions)
                 micro_index += 1
-                rows, positions = [], []
+                rows, starts, positions = [], [], []
 
-    def _positions(self) -> Iterator[tuple[int, np.ndarray]]:
+    def _micro_batch(self, rows: list[np.ndarray], starts: list[np.ndarray],
+                     positions: list[int]) -> dict[str, torch.Tensor]:
+        batch = {"input_ids": torch.from_numpy(np.stack(rows).astype(np.int64)),
+                 "sample_index": torch.tensor(positions)}
+        if self.document_mask:
+            batch["position_ids"] = torch.from_numpy(
+                np.stack([document_position_ids(s, self.spec.seq_len) for s in starts]))
+        return batch
+
+    def _positions(self) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
         position = 0
         while True:
             produced = False
-            for tokens in stream_sequences(self.spec):
+            for sequence in stream_sequences(self.spec):
                 produced = True
-                yield position, tokens
+                yield position, sequence
                 position += 1
             if not produced:
                 raise ValueError(f"{self.spec.input}: yields no full sequence of {self.spec.seq_len} tokens")
@@ -104,10 +113,11 @@ class StreamingMicroBatches(IterableDataset):
 
 def build_streaming_loader(spec: StreamSpec, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                            dp_world_size: int, consumed_samples: int = 0, num_workers: int = 0,
-                           pin_memory: bool = False,
+                           pin_memory: bool = False, document_mask: bool = False,
                            worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
     """The streaming counterpart of `build_train_loader`: same batches layout, same resume by `consumed_samples`."""
     dataset = StreamingMicroBatches(spec, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                                    dp_rank=dp_rank, dp_world_size=dp_world_size, consumed_samples=consumed_samples)
+                                    dp_rank=dp_rank, dp_world_size=dp_world_size, consumed_samples=consumed_samples,
+                                    document_mask=document_mask)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       pin_memory=pin_memory, worker_init_fn=worker_init_fn)

@@ -177,7 +177,7 @@ def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
     layout = dict(global_batch_size=config.train.global_batch_size, micro_batch_size=config.train.micro_batch_size,
                   dp_rank=env.rank, dp_world_size=env.world_size, consumed_samples=plan.consumed_samples,
                   num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda",
-                  worker_init_fn=ignore_stop_signals)
+                  document_mask=config.data.document_mask, worker_init_fn=ignore_stop_signals)
     if config.data.format == "stream":
         spec = StreamSpec(config.data.path, str(plan.tokenizer_file), config.data.seq_len,
                           split=config.data.split or None)
@@ -193,8 +193,7 @@ def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.dev
     for _ in range(grad_accum):
         batch = next(batches)
         timer.stop("data_wait_s")
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        loss = engine(input_ids=input_ids, labels=input_ids).loss
+        loss = engine(**model_inputs(batch, device)).loss
         engine.backward(loss)
         timer.stop("fwd_bwd_s")
         engine.step()  # the optimizer step (clip, AdamW, schedule) happens on the last micro-batch
@@ -204,6 +203,19 @@ def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.dev
             sample_ids += batch["sample_index"].tolist()
     # float64: summing fp32 losses is then exact, so 1 rank x 2g micro-batches and 2 ranks x g agree bit for bit
     return torch.stack(losses).double().sum().item(), sample_ids
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The forward arguments for one micro-batch: the ids are their own labels (the model shifts them).
+
+    With data.document_mask the batch carries position ids that restart at every document; transformers turns those
+    into a block-causal mask only when no KV cache is passed, hence `use_cache=False` spelled out here.
+    """
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    inputs: dict[str, Any] = {"input_ids": input_ids, "labels": input_ids, "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    return inputs
 
 
 def _check_finite(loss: float, applied: bool, step: int, train_cfg: TrainConfig, skips_in_a_row: int,
