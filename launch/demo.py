@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,20 @@ def deepspeed_cmd(run_dir: Path, model: Path, shards: Path, sizes: Sizes, steps:
     return ["deepspeed", "--num_gpus", 2, "--master_port", free_port(), "launch/cpt.py", "--config", RECIPE,
             f"model.init_from={model}", f"data.path={shards}", f"data.seq_len={sizes.seq_len}",
             f"train.max_tokens={tokens}", f"optim.warmup_steps={max(1, steps // 20)}",
-            f"checkpoint.every_steps={max(1, steps // 3)}", "log.every_steps=10", f"run_dir={run_dir}", *extra]
+            f"checkpoint.every_steps={max(1, steps // 3)}", "log.every_steps=10", f"train.precision={train_precision()}",
+            f"run_dir={run_dir}", *extra]
+
+
+@lru_cache(maxsize=None)
+def train_precision() -> str:
+    """The recipe's bf16 where this CPU has bf16 kernels; fp32 where bf16 would be emulated, several times slower."""
+    from shortened.train.engine import cpu_has_bf16_kernels
+
+    if cpu_has_bf16_kernels():
+        return "bf16"
+    print("  (this CPU has no bf16 kernels (no AVX-512): emulated bf16 would make every step ~5x slower, so the "
+          "demo trains in fp32: train.precision=fp32)")
+    return "fp32"
 
 
 def step(title: str, cmd: list, done: Path | None = None) -> None:

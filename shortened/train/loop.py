@@ -25,7 +25,7 @@ from shortened.train import checkpoint as ckpt
 from shortened.train.distributed import (DistEnv, all_gather_ints, all_reduce_sum, apply_timeout_to_all_groups,
                                          setup_distributed, shutdown)
 from shortened.train.ds_config import build_deepspeed_config
-from shortened.train.engine import build_engine, load_model
+from shortened.train.engine import build_engine, cpu_has_bf16_kernels, load_model
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
@@ -71,6 +71,9 @@ def train(config: RunConfig, hooks: Sequence[object] = ()) -> TrainResult:
 
 
 def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
+    if env.is_main and env.device.type == "cpu" and config.train.precision == "bf16" and not cpu_has_bf16_kernels():
+        log.warning("train.precision=bf16 on a CPU without bf16 kernels (no AVX-512): bf16 is emulated and each step "
+                    "runs several times slower than with train.precision=fp32")
     model = load_model(config.model, plan.model_dir, config.train.precision, config.data.seq_len)
     ds_config = build_deepspeed_config(config, env.world_size, on_cuda=env.device.type == "cuda",
                                        load_universal=plan.universal)
