@@ -21,7 +21,7 @@ from shortened.train.ds_config import build_deepspeed_config
 from shortened.train.engine import lr_factor
 from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.loop import model_inputs
-from shortened.train.metrics import truncate_log
+from shortened.train.metrics import TrainLogger, truncate_log
 from shortened.train.plan import plan_budget
 from shortened.train.rng import capture_rng_state, restore_rng_state
 
@@ -276,3 +276,15 @@ def test_document_mask_makes_each_document_attend_only_to_itself(sample_shards):
         alone = model(input_ids=batch["input_ids"][:, first:second]).logits[0]
     torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-5)
     assert (plain - alone).abs().max() > 1e-3
+
+
+def test_progress_clock_starts_at_the_first_step(tmp_path):
+    """A step-0 evaluation before training must not count as training time in the bar's rate and ETA."""
+    logger = TrainLogger(tmp_path, start_step=0, start_tokens=0, stop_tokens=1000, every_steps=1, tensorboard=False)
+    try:
+        logger.bar.start_t -= 120  # as if the before_training hooks had taken two minutes
+        assert logger.bar.format_dict["elapsed"] >= 120
+        logger.start_clock()
+        assert logger.bar.format_dict["elapsed"] < 5
+    finally:
+        logger.close()

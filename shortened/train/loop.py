@@ -125,6 +125,8 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
 
     try:
         call_hooks(hooks, "before_training", context(math.nan))
+        if logger is not None:
+            logger.start_clock()
         while step < budget.stop_step:
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             started = time.perf_counter()

@@ -81,6 +81,11 @@ class TrainLogger:
         self._logging_via_bar = logging_redirect_tqdm()
         self._logging_via_bar.__enter__()
 
+    def start_clock(self) -> None:
+        """Measure speed and ETA from now: work before the first step (the step-0 evaluation, a minute on CPU)
+        would otherwise count as training time and inflate the first ETAs many times over."""
+        self.bar.start_t = self.bar.last_print_t = time.time()  # tqdm's own clock (its default timer)
+
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
