@@ -64,7 +64,7 @@ def test_shard_header_is_self_describing_and_checked(sample_shards, tmp_path):
     manifest = json.loads((sample_shards / "manifest.json").read_text())
     shard_path = sample_shards / manifest["shards"][0]["file"]
     header = read_header(shard_path)
-    assert (header.dtype, header.seq_len, header.format_version) == ("uint16", 2048, 1)
+    assert (header.dtype, header.seq_len, header.format_version) == ("uint16", 2048, 2)
     assert header.tokenizer_sha256 == manifest["tokenizer_sha256"]
     PackedShards(sample_shards, verify=True)  # checksums in the manifest match
 
