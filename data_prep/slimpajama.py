@@ -35,12 +35,15 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line with file:line: reason")
     parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     parser.add_argument("--unit-bytes", type=int, default=0, help="decompressed bytes per work unit (0: auto)")
+    parser.add_argument("--verify", action="store_true",
+                        help="on a finished output, also check every shard's sha256 (reads all shards) and rebuild "
+                             "the damaged ones; without it a rerun checks presence, size and header")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     return PrepareConfig(
         input=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len, workers=args.workers,
         split=args.split, sources=args.sources.split(",") if args.sources else None, max_tokens=args.max_tokens,
-        strict=args.strict, shard_tokens=args.shard_tokens, unit_bytes=args.unit_bytes,
+        strict=args.strict, shard_tokens=args.shard_tokens, unit_bytes=args.unit_bytes, verify=args.verify,
         hf_data_files=args.hf_data_files,
         progress=not args.no_progress,
     )
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare_shards(parse_args(argv))
     except (InputError, TokenizerNotFound, ConfigError, ShardFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, an unreadable input file: the path and the reason say what to fix
+        print(f"error: {err.filename or ''}: {err.strerror or err}; check that path (permissions, free space)",
+              file=sys.stderr)
         return 2
     except BadInputError as err:
         print(f"error: {err} (--strict stops at the first bad line; drop --strict to count and skip bad input)",

@@ -4,16 +4,22 @@ Pipeline: the inputs are planned into work units (see `sources`); worker process
 files under `OUTPUT/.work/`; the main process packs the results in unit order into shards of a fixed number of
 sequences and, after each shard, records where it stands in `.work/state.json`. A killed run, restarted with the
 same command, keeps every finished unit and every finished shard and ends byte-identical to an uninterrupted one.
+A rerun on a finished output checks the shards (size and header; sha256 with --verify) and rebuilds the damaged
+ones from where each started, which `prepare_run.json` records: packing is deterministic, so they come out
+byte-identical. One data prep at a time holds an output (flock).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -29,16 +35,24 @@ from shortened.data.shards import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
     ShardWriter,
+    shard_problem,
     token_dtype,
+    version_hint,
 )
-from shortened.data.sources import InputFile, WorkUnit, auto_unit_bytes, discover, plan_units
+from shortened.data.sources import InputError, InputFile, WorkUnit, auto_unit_bytes, discover, plan_units
 from shortened.data.tokenize_worker import UnitResult, UnitTask, init_worker, load_unit_result, tokenize_unit
-from shortened.fsutil import atomic_write_json, file_sha256, remove_stale_temps
-from shortened.tokenizer import load_tokenizer
+from shortened.fsutil import atomic_write_json, file_sha256, fsync_dir, remove_stale_temps
+from shortened.tokenizer import Tokenizer, load_tokenizer
 
 WORK_DIR = ".work"
 STATE_NAME = "state.json"
-RUN_INFO_NAME = "prepare_run.json"  # timings and command: kept out of the manifest so it stays byte-identical
+RUN_NAME = "run.json"  # .work/run.json: fingerprint and unit size of the run that owns .work, written first
+# Command, timings, unit size, where each shard starts, input mtimes: kept out of the manifest so that it stays
+# byte-identical for any --workers and any copy of the corpus.
+RUN_INFO_NAME = "prepare_run.json"
+LOCK_NAME = ".lock"  # flock'ed while a data prep runs; left empty afterwards so outputs stay byte-identical
+HEAD_TAIL_BYTES = 64 << 10  # hashed at each end of every input file for the fingerprint
+MIN_UNIT_BYTES = 4096  # each unit costs a result file and a task: smaller units only add overhead
 
 
 class BadInputError(ValueError):
@@ -58,6 +72,7 @@ class PrepareConfig:
     strict: bool = False
     shard_tokens: int = 1 << 27  # about 256 MiB of uint16 tokens per shard
     unit_bytes: int = 0  # decompressed bytes per work unit (0: chosen from the corpus size and workers)
+    verify: bool = False  # on a finished output, also compare every shard's sha256 with the manifest
     hf_data_files: list[str] | None = None  # with an hf:// input naming a builder such as json
     progress: bool = True  # the live progress bar
     verbose: bool = True  # resume notes and the final summary
@@ -71,6 +86,9 @@ class PrepareConfig:
             raise ConfigError(f"--max-tokens must be >= 0, got {self.max_tokens}")
         if self.shard_tokens < self.seq_len:
             raise ConfigError(f"--shard-tokens ({self.shard_tokens}) must hold one sequence ({self.seq_len})")
+        if self.unit_bytes < 0 or 0 < self.unit_bytes < MIN_UNIT_BYTES:
+            raise ConfigError(f"--unit-bytes must be 0 (chosen automatically) or at least {MIN_UNIT_BYTES}, "
+                              f"got {self.unit_bytes}")
 
     @property
     def sequences_per_shard(self) -> int:
@@ -87,26 +105,27 @@ class PackState:
     next_unit: int = 0
     skip_tokens: int = 0  # tokens of `next_unit` already inside finished shards
     stats: dict = field(default_factory=dict)  # PrepStats of the units before `next_unit`
+    shard_starts: list[list[int]] = field(default_factory=lambda: [[0, 0]])  # (unit, skip tokens) of each shard
 
 
 def prepare_shards(config: PrepareConfig) -> dict:
-    """Run (or resume, or recognise as done) one preparation; returns the manifest."""
+    """Run (or resume, or check and repair, or recognise as done) one preparation; returns the manifest."""
     tokenizer = load_tokenizer(config.tokenizer)
     files = discover(config.input, config.split, config.hf_data_files)
     output = Path(config.output)
-    work = output / WORK_DIR
     fingerprint = _fingerprint(config, files, tokenizer.sha256)
+    with _locked(output):
+        done = _existing_manifest(output, fingerprint)
+        if done is not None:
+            return _check_finished(config, output, done, files, tokenizer)
+        return _prepare(config, output, files, tokenizer, fingerprint)
 
-    done = _existing_manifest(output, fingerprint)
-    if done is not None:
-        shutil.rmtree(work, ignore_errors=True)  # left if a run was killed right after its manifest
-        _say(config, f"{output / MANIFEST_NAME} is already complete for these inputs; nothing to do")
-        return done
 
-    work.mkdir(parents=True, exist_ok=True)
-    state = _load_state(work, fingerprint) or PackState(
-        fingerprint, config.unit_bytes or auto_unit_bytes(files, config.workers)
-    )
+def _prepare(config: PrepareConfig, output: Path, files: list[InputFile], tokenizer: Tokenizer,
+             fingerprint: str) -> dict:
+    work = output / WORK_DIR
+    run = _claim_work(config, output, files, fingerprint)
+    state = _load_state(work) or PackState(fingerprint, run["unit_bytes"])
     units = plan_units(files, state.unit_bytes)
     remove_stale_temps(output)  # half-written shards or unit results of a killed run
     remove_stale_temps(work)
@@ -126,14 +145,137 @@ def prepare_shards(config: PrepareConfig) -> dict:
             bar.set_postfix_str(packer.rate_text(time.time() - started), refresh=False)
             if packer.finished:
                 break
-    manifest = packer.finish(config, tokenizer, files, fingerprint)
-    atomic_write_json({
-        "command": sys.argv, "workers": config.workers, "unit_bytes": state.unit_bytes,
-        "seconds": round(time.time() - started, 3),
-    }, output / RUN_INFO_NAME)
+    if not state.shards and packer.writer is None:
+        shutil.rmtree(work)
+        raise InputError(_why_no_sequence(config, packer.stats))
+    manifest = packer.finish(config, tokenizer, files, run, time.time() - started)
     shutil.rmtree(work)
     _say(config, packer.stats.summary() + "\n" + _shard_summary(manifest, output))
     return manifest
+
+
+def _why_no_sequence(config: PrepareConfig, stats: PrepStats) -> str:
+    """A corpus that yields no sequence is an error: training on it would fail later, far from the cause."""
+    where = f"{config.input}" + (f" (split {config.split})" if config.split else "")
+    if stats.docs_total:
+        budget = f" (--max-tokens {config.max_tokens})" if config.max_tokens else ""
+        return (f"{where}: {stats.docs_total:,} document(s), {stats.tokens_total:,} tokens{budget}: fewer than one "
+                f"sequence of {config.seq_len}; give more input or a smaller --seq-len")
+    if stats.bad:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(stats.bad.items()))
+        return f"{where}: no good document, every line or file is bad ({reasons}; first: {stats.bad_examples[0]})"
+    if stats.filtered:
+        seen = ", ".join(sorted(stats.filtered))
+        return f"{where}: --sources {','.join(config.sources or [])} keeps no document; the input has {seen}"
+    return f"{where}: no documents"
+
+
+def _check_finished(config: PrepareConfig, output: Path, manifest: dict, files: list[InputFile],
+                    tokenizer: Tokenizer) -> dict:
+    """A finished output is trusted only after its shards are checked; damaged shards are rebuilt in place."""
+    shutil.rmtree(output / WORK_DIR, ignore_errors=True)  # left if a run was killed right after its manifest
+    run_info = _read_run_info(output)
+    _note_changed_mtimes(config, run_info.get("input_mtimes"), files, "the shards were prepared")
+    damaged = _damaged_shards(output, manifest, config.verify)
+    if not damaged:
+        how = "size, header and sha256" if config.verify else "size and header; --verify also checks sha256"
+        _say(config, f"{output / MANIFEST_NAME} is already complete for these inputs ({len(manifest['shards'])} "
+                     f"shard(s) checked: {how}); nothing to do")
+        return manifest
+    for problem in damaged.values():
+        _say(config, f"damaged: {problem}")
+    _rebuild(config, output, manifest, sorted(damaged), files, tokenizer, run_info)
+    names = ", ".join(manifest["shards"][i]["file"] for i in sorted(damaged))
+    _say(config, f"rebuilt {names} (byte-identical to the manifest's sha256); {output} is complete again")
+    return manifest
+
+
+def _damaged_shards(output: Path, manifest: dict, verify: bool) -> dict[int, str]:
+    """Shard index -> what is wrong with it: presence, size and header always, sha256 with --verify."""
+    expected = (manifest["seq_len"], manifest["dtype"], manifest["tokenizer_sha256"])
+    damaged = {}
+    for index, entry in enumerate(manifest["shards"]):
+        path = output / entry["file"]
+        counts = (entry["num_sequences"], entry["num_tokens"], entry["num_docs"])
+        error = shard_problem(path, entry["bytes"], counts, expected)
+        if error is not None:
+            damaged[index] = error.problem  # without its fix: this run is applying it
+        elif verify and file_sha256(path) != entry["sha256"]:
+            damaged[index] = f"{path}: sha256 differs from {MANIFEST_NAME}"
+    return damaged
+
+
+def _rebuild(config: PrepareConfig, output: Path, manifest: dict, damaged: list[int], files: list[InputFile],
+             tokenizer: Tokenizer, run_info: dict) -> None:
+    """Repack each damaged shard from where it started; without recorded starts, repack from the first unit."""
+    starts, unit_bytes = run_info.get("shard_starts"), run_info.get("unit_bytes")
+    if isinstance(starts, list) and len(starts) == len(manifest["shards"]) and unit_bytes:
+        plans = [(tuple(starts[k]), k, {k}) for k in damaged]
+    else:  # prepare_run.json lost: the output does not depend on the unit size, so any will do
+        _say(config, f"{output / RUN_INFO_NAME} is missing or incomplete: repacking from the start of the inputs")
+        unit_bytes = config.unit_bytes or auto_unit_bytes(files, config.workers)
+        plans = [((0, 0), 0, set(damaged))]
+    work = output / WORK_DIR
+    work.mkdir()
+    units = plan_units(files, unit_bytes)
+    repacker = _Repacker(config, output, work, manifest, tokenizer.sha256, token_dtype(tokenizer.vocab_size))
+    try:
+        for (first_unit, skip), first_shard, wanted in plans:
+            with _UnitResults(config, files, units, work, first_unit) as results:
+                repacker.run(results, first_unit, skip, first_shard, wanted)
+    finally:
+        shutil.rmtree(work)  # unit results and a refused rebuild: nothing in it is part of the output
+
+
+class _Repacker:
+    """Packs unit results exactly as `_Packer` did, from a recorded shard start, and writes only wanted shards.
+
+    A rebuilt shard replaces the damaged file only if its sha256 equals the manifest's: if the inputs changed
+    in a way the fingerprint missed, the rebuild is refused rather than mixing two versions of the corpus.
+    """
+
+    def __init__(self, config: PrepareConfig, output: Path, work: Path, manifest: dict, tokenizer_sha256: str,
+                 dtype: np.dtype) -> None:
+        self.config, self.output, self.work, self.entries = config, output, work, manifest["shards"]
+        self.tokenizer_sha256, self.dtype = tokenizer_sha256, dtype
+
+    def run(self, results: _UnitResults, first_unit: int, skip: int, shard: int, wanted: set[int]) -> None:
+        buffer = TokenBuffer(self.dtype)
+        writer, written = None, 0
+        for unit, result in results:
+            offset = skip if unit.index == first_unit else 0
+            starts = doc_starts_from_lengths(result.doc_lens)
+            first_doc = int(np.searchsorted(starts, offset))
+            buffer.append(result.tokens[offset:], starts[first_doc:] - offset)
+            Path(results.tasks[unit.index].result_path).unlink()
+            while len(buffer) >= self.config.seq_len:
+                size = self.entries[shard]["num_tokens"]
+                whole = len(buffer) // self.config.seq_len * self.config.seq_len
+                chunk = buffer.pop(min(whole, size - written))
+                if shard in wanted:
+                    writer = writer or ShardWriter(self.work / self.entries[shard]["file"], self.config.seq_len,
+                                                   self.dtype, self.tokenizer_sha256)
+                    writer.write(*chunk)
+                written += len(chunk[0])
+                if written == size:
+                    if writer is not None:
+                        self._replace(writer)
+                    writer, written, shard = None, 0, shard + 1
+                    if shard > max(wanted):
+                        return
+        raise InputError(f"{self.config.input}: the inputs end before {self.entries[shard]['file']} is complete: "
+                         f"they changed since {self.output} was prepared; prepare into a new --output")
+
+    def _replace(self, writer: ShardWriter) -> None:
+        writer.close()
+        entry = next(e for e in self.entries if e["file"] == writer.path.name)
+        if file_sha256(writer.path) != entry["sha256"]:
+            writer.path.unlink()
+            raise InputError(f"{self.config.input}: rebuilding {self.output / entry['file']} gave other bytes than "
+                             f"the manifest's sha256: the inputs changed since {self.output} was prepared (an edit "
+                             "the fingerprint cannot see); prepare into a new --output")
+        os.replace(writer.path, self.output / entry["file"])
+        fsync_dir(self.output)
 
 
 class _Packer:
@@ -183,15 +325,21 @@ class _Packer:
                 # is a suffix of this unit: resume re-reads the unit from there.
                 self._checkpoint(unit.index, kept_tokens - len(self.buffer), stats_before_unit)
 
-    def finish(self, config: PrepareConfig, tokenizer, files: list[InputFile], fingerprint: str) -> dict:
+    def finish(self, config: PrepareConfig, tokenizer, files: list[InputFile], run: dict, seconds: float) -> dict:
         dropped = len(self.buffer)  # less than one sequence: the final partial sequence
         if self.writer is not None:
             self._close_shard()
         shards = self.state.shards
+        # Before the manifest, so that every complete output can locate (and rebuild) each of its shards.
+        atomic_write_json({
+            "command": sys.argv, "workers": config.workers, "unit_bytes": self.state.unit_bytes,
+            "seconds": round(seconds, 3), "shard_starts": self.state.shard_starts[: len(shards)],
+            "input_mtimes": run["input_mtimes"],
+        }, self.output / RUN_INFO_NAME)
         manifest = {
             "format_version": MANIFEST_VERSION,
             "shard_format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
+            "fingerprint": run["fingerprint"],
             "seq_len": config.seq_len,
             "dtype": self.dtype.name,
             "num_sequences": sum(s["num_sequences"] for s in shards),
@@ -251,6 +399,7 @@ class _Packer:
 
     def _checkpoint(self, unit_index: int, skip_tokens: int, stats_before_unit: dict) -> None:
         self.state.next_unit, self.state.skip_tokens, self.state.stats = unit_index, skip_tokens, stats_before_unit
+        self.state.shard_starts.append([unit_index, skip_tokens])  # where the next shard starts
         atomic_write_json(vars(self.state), self.work / STATE_NAME)
         for path in self.work.glob("unit_*.npz"):
             if _unit_index(path) < unit_index:
@@ -297,7 +446,12 @@ class _UnitResults:
 
 
 def _fingerprint(config: PrepareConfig, files: list[InputFile], tokenizer_sha256: str) -> str:
-    """What the output depends on; a rerun with the same fingerprint resumes or is recognised as done."""
+    """What the output depends on; a rerun with the same fingerprint resumes or is recognised as done.
+
+    Inputs count by content, not by place or time: relative name, size and a hash of the first and last 64 KiB
+    (a zstd frame with a content checksum ends in it, so any change to its text changes the tail). mtime is left
+    out: a copied corpus is the same input, and the manifest stays the same on every copy.
+    """
     identity = {
         "format": FORMAT_VERSION,
         "tokenizer_sha256": tokenizer_sha256,
@@ -306,33 +460,138 @@ def _fingerprint(config: PrepareConfig, files: list[InputFile], tokenizer_sha256
         "max_tokens": config.max_tokens,
         "shard_tokens": config.shard_tokens,
         "strict": config.strict,
-        "inputs": [(f.name, f.size_hint if f.dataset else os.path.getsize(f.path)) for f in files],
+        "inputs": [_input_identity(f) for f in files],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _input_identity(f: InputFile) -> list:
+    if f.dataset:
+        return [f.name, f.size_hint]
+    size = os.path.getsize(f.path)
+    digest = hashlib.sha256()
+    with open(f.path, "rb") as handle:
+        digest.update(handle.read(HEAD_TAIL_BYTES))
+        if size > HEAD_TAIL_BYTES:
+            handle.seek(max(HEAD_TAIL_BYTES, size - HEAD_TAIL_BYTES))
+            digest.update(handle.read())
+    return [f.name, size, digest.hexdigest()]
+
+
+def _input_mtimes(files: list[InputFile]) -> dict[str, int]:
+    return {f.name: os.stat(f.path).st_mtime_ns for f in files if not f.dataset}
+
+
+def _note_changed_mtimes(config: PrepareConfig, recorded: dict | None, files: list[InputFile], since: str) -> None:
+    """mtime is no part of the fingerprint (see there), but a changed one is said, never passed over in silence."""
+    if not recorded:
+        return
+    changed = [name for name, mtime in _input_mtimes(files).items() if recorded.get(name) != mtime]
+    if changed:
+        _say(config, f"note: {len(changed)} input file(s) have another mtime than when {since} (first: "
+                     f"{changed[0]}); size and first/last {HEAD_TAIL_BYTES >> 10} KiB are unchanged, so they count "
+                     "as the same input (a copy). An edit that keeps those is not detected: if you edited the "
+                     "corpus, prepare into a new --output")
+
+
+@contextmanager
+def _locked(output: Path) -> Iterator[None]:
+    """Hold an exclusive flock on OUTPUT for the whole run: two preps into one output would overwrite each other's
+    shards and delete each other's `.work/`. The kernel drops the lock when the process dies, however it dies."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        handle = open(output / LOCK_NAME, "a+")
+    except OSError as err:
+        raise ConfigError(f"{output}: cannot create the output there ({err.strerror}); choose another --output"
+                          ) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{output} is in use by another data prep ({holder}); wait for it or choose another "
+                          "--output") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.truncate(0)
+        handle.close()
 
 
 def _existing_manifest(output: Path, fingerprint: str) -> dict | None:
     path = output / MANIFEST_NAME
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("fingerprint") != fingerprint:
+    try:
+        manifest = json.loads(path.read_text())
+        recorded, shard_version = manifest["fingerprint"], manifest["shard_format_version"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: unreadable manifest ({err}); move {output} aside and prepare into a new "
+                          "--output") from None
+    if shard_version != FORMAT_VERSION:
+        raise ConfigError(f"{output}: holds shards of format version {shard_version}; {version_hint(shard_version)}")
+    if recorded != fingerprint:
         raise ConfigError(
             f"{output}: already holds shards prepared from other inputs or settings; choose another --output"
         )
     return manifest
 
 
-def _load_state(work: Path, fingerprint: str) -> PackState | None:
+def _claim_work(config: PrepareConfig, output: Path, files: list[InputFile], fingerprint: str) -> dict:
+    """The identity of the run that owns OUTPUT/.work: an interrupted run of these inputs is resumed (its unit
+    results were cut with its unit size, whatever --workers is now); whatever else .work holds is refused."""
+    path = output / WORK_DIR / RUN_NAME
+    if path.is_file():
+        try:
+            run = json.loads(path.read_text())
+            recorded = run["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path}: unreadable ({err}); delete {path.parent} to start over") from None
+        if recorded != fingerprint:
+            raise ConfigError(f"{path.parent}: an interrupted run with other inputs or settings; delete "
+                              f"{path.parent} to start over")
+        _note_changed_mtimes(config, run.get("input_mtimes"), files, "the interrupted run started")
+        return run
+    if path.parent.is_dir() and any(path.parent.iterdir()):
+        raise ConfigError(f"{path.parent}: left by a data prep of unknown inputs; delete {path.parent} to start over")
+    _refuse_stale_shards(output)
+    run = {"fingerprint": fingerprint, "unit_bytes": config.unit_bytes or auto_unit_bytes(files, config.workers),
+           "input_mtimes": _input_mtimes(files)}
+    atomic_write_json(run, path)  # first: from here on, what lies in OUTPUT belongs to this run
+    return run
+
+
+def _refuse_stale_shards(output: Path) -> None:
+    """Shards without a manifest or a resumable run are another preparation's: some would be overwritten, the
+    rest would lie beside the new manifest."""
+    stale = sorted(p.name for p in output.glob("shard_*.bin"))
+    if stale:
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise ConfigError(f"{output}: holds shard files but no {MANIFEST_NAME} and no interrupted run of these "
+                          f"inputs to resume ({shown}); move them away or choose another --output")
+
+
+def _load_state(work: Path) -> PackState | None:
+    """Where the interrupted run owning `work` (see `_claim_work`) stands after its last finished shard."""
     path = work / STATE_NAME
     if not path.exists():
         return None
-    state = PackState(**json.loads(path.read_text()))
-    if state.fingerprint != fingerprint:
-        raise ConfigError(
-            f"{work}: an interrupted run with other inputs or settings; delete {work} to start over"
-        )
-    return state
+    try:
+        return PackState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"{path}: unreadable resume state ({err}); delete {work} to start over") from None
+
+
+def _read_run_info(output: Path) -> dict:
+    try:
+        info = json.loads((output / RUN_INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return {}  # only rebuilding needs it, and it falls back to repacking from the start
+    return info if isinstance(info, dict) else {}
 
 
 def _unit_index(path: Path) -> int:

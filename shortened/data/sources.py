@@ -112,7 +112,13 @@ def discover_inputs(root: str | Path, split: str | None = None) -> list[InputFil
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: input does not exist")
+    # --split validation on a folder or file outside any split folder would pack whatever it holds (train data,
+    # say) as validation data. A path inside a folder named like the split is that split.
+    in_split = not split or split in root.resolve().parts
     if root.is_file():
+        if not in_split:
+            raise InputError(f"{root}: lies in no '{split}' folder, so it is not {split} data; point --input at "
+                             f"the folder that holds the {split} split, or drop --split")
         base, paths = root.parent, [root]
     else:
         base = root / split if split and (root / split).is_dir() else root
@@ -120,6 +126,9 @@ def discover_inputs(root: str | Path, split: str | None = None) -> list[InputFil
         # Reading the whole tree would silently mix held-out splits into training data.
         if split and base == root and other_splits:
             raise InputError(f"{root}: has no '{split}' folder, only {', '.join(other_splits)}; pass --split")
+        if split and base == root and not in_split:
+            raise InputError(f"{root}: has no split folders ({', '.join(KNOWN_SPLITS)}), so it has no '{split}' "
+                             f"split; point --input at the folder that holds {split} data, or drop --split")
         if not split and other_splits:
             raise InputError(f"{root}: holds the splits {', '.join(other_splits)}; choose one with --split "
                              "(data.split when training from the stream) or point at its folder")
