@@ -5,7 +5,6 @@ Every bad case ends in one `error: ...` line on stderr and exit code 2, and noth
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import shutil
