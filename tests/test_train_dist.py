@@ -29,7 +29,7 @@ from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
 from shortened.train.cli import export_main
-from shortened.train.engine import load_model
+from shortened.train.engine import load_model, lr_factor
 from shortened.train.export import export_hf, master_weights
 from shortened.train.loop import model_inputs
 from shortened.train.plan import decide_plan
@@ -232,6 +232,51 @@ def test_world_size_2_to_1_reads_the_same_next_samples_with_the_optimizer_state(
     # tolerance); with the moments carried over the losses matched bit for bit on this box.
     for record in resumed:
         assert close(record, reference[record["step"]], rel=1e-4), (record, reference[record["step"]])
+
+
+def test_changed_optimizer_settings_clipping_and_batch_are_honoured_from_the_first_resumed_step(
+        ref_run, pristine_step8, work, train_shards_64, tiny_init_model):
+    """Before, DeepSpeed and the optimizer's load_state_dict silently restored the saved clipping threshold, betas,
+    eps and weight decay, and the first resumed update used the old rate; and the token budget after a batch change
+    was counted as if every past step had had the new size."""
+    start = work / "changed" / "checkpoints" / ckpt.tag_for(HALF)
+    shutil.copytree(pristine_step8, start, ignore=shutil.ignore_patterns("universal"))
+    run_dir = start.parents[1]
+    changed = ["train.grad_clip=0.01", "optim.betas=[0.8,0.9]", "optim.eps=1e-6", "optim.weight_decay=0.01",
+               "optim.lr=1e-3", f"train.global_batch_size={2 * GLOBAL_BATCH}", "train.max_steps=0"]
+    output = run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, *changed), work / "changed.out"))
+    applied = json.loads(output.split("optimizer after resume: ", 1)[1].splitlines()[0])
+    assert applied == {"lr": pytest.approx(1e-3 * lr_factor(HALF, warmup_steps=2, total_steps=12, schedule="cosine",
+                                                            min_lr_ratio=0.1)),
+                       "betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": [0.01, 0.0], "grad_clip": 0.01}
+    assert "resume changes train.grad_clip: 1.0 -> 0.01" in output
+    log = read_log(run_dir)
+    # 8 steps of 4 sequences used half the 4,096-token budget; 4 steps of 8 sequences spend the rest.
+    assert [r["step"] for r in log] == [9, 10, 11, 12] and log[-1]["tokens"] == STEPS * GLOBAL_BATCH * SEQ
+    assert log[0]["lr"] == applied["lr"] and len(log[0]["sample_ids"]) == 2 * GLOBAL_BATCH
+    reference = read_log(ref_run)
+    assert log[0]["sample_ids"] == reference[HALF]["sample_ids"] + reference[HALF + 1]["sample_ids"]
+    recorded = load_config(RunConfig, ckpt.checkpoints_root(run_dir) / ckpt.tag_for(12) / ckpt.CONFIG_FILE)
+    assert (recorded.train.grad_clip, recorded.optim.betas) == (0.01, (0.8, 0.9))
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["gradient_clipping"] == 0.01
+
+
+def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_continues_exactly(ref_run, work, train_shards_64,
+                                                                                  tiny_init_model):
+    run_dir = work / "damaged"
+    shutil.copytree(ref_run, run_dir, ignore=shutil.ignore_patterns("tensorboard", ".train.lock"))
+    newest = ckpt.checkpoints_root(run_dir) / ckpt.tag_for(STEPS)
+    shard = next((newest / ckpt.DEEPSPEED_TAG).glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    shard.unlink()  # rank 1's optimizer state: `complete.json` is there, the checkpoint cannot be loaded
+    job = python(overrides(run_dir, train_shards_64, tiny_init_model, f"resume={newest}"), work / "damaged_path.out")
+    assert job.wait() == 2
+    assert "is damaged: " in job.output() and f"{shard.name} is missing" in job.output()
+    output = run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model), work / "damaged.out"))
+    assert "resume=auto skips step_00000016, which is damaged" in output and "resuming from" in output
+    resumed, reference = read_log(run_dir), read_log(ref_run)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, reference):
+        assert same(a, b), (a, b)
 
 
 def test_one_rank_with_double_accumulation_matches_two_ranks(ref_run, work, train_shards_64, tiny_init_model):

@@ -38,6 +38,7 @@ from shortened.modeling import save_with_tokenizer
 from shortened.train.distributed import DistEnv, barrier
 from shortened.train.failpoints import failpoint
 from shortened.fsutil import atomic_write_json, fsync_dir, fsync_file, fsync_tree, remove_tree
+from shortened.train.resume_rules import config_changes, rule_for
 from shortened.train.rng import save_rng_state
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,29 @@ def marker_problem(path: Path) -> str | None:
     return None
 
 
+def damage(checkpoint: Checkpoint) -> str | None:
+    """What is missing or damaged in a complete checkpoint, checked cheaply (sizes against its marker), or None.
+
+    A marker from before the file list only allows the readability checks.
+    """
+    path = checkpoint.path
+    listed = json.loads((path / MARKER).read_text()).get("files", {})
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes, {MARKER} recorded {size}"
+    for name in (STATE_FILE, CONFIG_FILE):
+        try:
+            (json.loads if name == STATE_FILE else yaml.safe_load)((path / name).read_text())
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            return f"{path / name} is unreadable ({type(err).__name__})"
+    if not (path / DEEPSPEED_TAG).is_dir():
+        return f"{path / DEEPSPEED_TAG} is missing"
+    return None
+
+
 def scan(root: Path) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
     """Complete checkpoints (oldest first) and incomplete step directories with the reason."""
     complete, incomplete = [], []
@@ -177,7 +201,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Checkpoint | None:
         if not complete:
             log.info("resume=auto: no complete checkpoint under %s, starting from model.init_from", root)
             return None
-        return complete[-1]
+        return newest_undamaged(complete, root)
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"resume={resume}: no such checkpoint directory (nothing to resume; "
@@ -188,12 +212,27 @@ def resolve_resume(resume: str, run_dir: Path) -> Checkpoint | None:
         hint = f"; did you mean {inside[-1].path}?" if inside else ""
         raise CheckpointError(f"resume={resume}: not a complete checkpoint ({problem}){hint}")
     chosen = Checkpoint(path.resolve(), int(_TAG.match(path.name).group(1)))
+    problem = damage(chosen)
+    if problem is not None:
+        raise CheckpointError(f"resume={resume}: the checkpoint is damaged: {problem}. Resume from another "
+                              "checkpoint (resume=auto picks the newest undamaged one)")
     newer = [c.path.name for c in complete if c.step > chosen.step and c.path.resolve() != chosen.path]
     if newer:
         log.warning("resume=%s: %s in this run_dir belong to the continuation being abandoned; they are replaced "
                     "as training passes their steps (and resume=auto would pick them until then)", resume,
                     ", ".join(newer))
     return chosen
+
+
+def newest_undamaged(complete: list[Checkpoint], root: Path) -> Checkpoint:
+    """The newest complete checkpoint whose files are intact; damaged newer ones are named in a warning."""
+    for checkpoint in reversed(complete):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        log.warning("resume=auto skips %s, which is damaged: %s", checkpoint.path.name, problem)
+    raise CheckpointError(f"every complete checkpoint under {root} is damaged (see the warnings above); restore one, "
+                          "or start a new run_dir")
 
 
 def check_compatible(checkpoint: Checkpoint, identity: dict[str, Any], new_config: dict[str, Any]) -> None:
@@ -220,11 +259,27 @@ def check_compatible(checkpoint: Checkpoint, identity: dict[str, Any], new_confi
         log.warning("%s was trained on other shards (fingerprint %s, data.path now has %s): the data order "
                     "continues by sample count, not by content", checkpoint.path, saved.get("data_fingerprint"),
                     identity.get("data_fingerprint"))
-    old_config = yaml.safe_load((checkpoint.path / CONFIG_FILE).read_text())
-    changed = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in _flat_diff(old_config, new_config).items()
-               if key not in ("resume", "run_dir")]
-    if changed:
-        log.warning("config differs from the one that wrote %s: %s", checkpoint.path.name, "; ".join(changed))
+    check_config_changes(checkpoint, yaml.safe_load((checkpoint.path / CONFIG_FILE).read_text()), new_config)
+
+
+def check_config_changes(checkpoint: Checkpoint, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
+    """Refuse a change the resume cannot honour, naming the key and both values; log the honoured ones.
+
+    A key the checkpoint's config lacks (it predates the key) is not a change.
+    """
+    changes = {key: values for key, values in config_changes(old_config, new_config).items() if values[0] is not None}
+    refusals = []
+    for key, (old, new) in changes.items():
+        rule = rule_for(key)
+        if rule.action == "refused":
+            refusals.append(f"{key}: checkpoint {old!r}, config {new!r} ({rule.how})")
+        elif rule.action == "honoured":
+            log.info("resume changes %s: %r -> %r (%s)", key, old, new, rule.how)
+    if refusals:
+        raise CheckpointError(
+            f"{checkpoint.path} cannot resume with these settings changed: " + "; ".join(refusals)
+            + ". Resume with the checkpoint's values, or start a new run_dir (docs/training.md lists what may change)"
+        )
 
 
 def check_batch_position(checkpoint: Checkpoint, global_batch_size: int) -> None:
@@ -235,15 +290,6 @@ def check_batch_position(checkpoint: Checkpoint, global_batch_size: int) -> None
             f"{global_batch_size}; resume with global_batch_size {checkpoint.state['global_batch_size']} "
             "or one that divides the consumed samples"
         )
-
-
-def _flat_diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: dict[str, tuple[Any, Any]] = {}
-        for key in sorted(set(old) | set(new)):
-            out.update(_flat_diff(old.get(key), new.get(key), f"{prefix}{key}."))
-        return out
-    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 # ---------------------------------------------------------------------------------------------- world size
@@ -311,8 +357,14 @@ def flush_rank_files(path: Path, rank: int) -> None:
 
 
 def write_marker(path: Path, step: int, tokens: int, consumed_samples: int) -> None:
-    atomic_write_json({"step": step, "tokens": tokens, "consumed_samples": consumed_samples, "time": time.time()},
-                      path / MARKER)
+    """The completion marker, listing every file of the checkpoint with its size so a resume can check it cheaply."""
+    atomic_write_json({"step": step, "tokens": tokens, "consumed_samples": consumed_samples, "time": time.time(),
+                       "files": file_sizes(path)}, path / MARKER)
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    return {str(file.relative_to(path)): file.stat().st_size for file in sorted(path.rglob("*"))
+            if file.is_file() and file.name != MARKER}
 
 
 def discard(path: Path) -> None:

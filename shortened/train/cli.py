@@ -46,24 +46,24 @@ def cpt_main(argv: Sequence[str] | None = None, hooks: Sequence[object] = ()) ->
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. run_dir=runs/x train.max_steps=10")
     args = parser.parse_intermixed_args(argv)
     rank = setup_logging()
-    from shortened.train.checkpoint import CheckpointError
     from shortened.train.evaluation import evaluation_hooks
     from shortened.train.loop import NonFiniteLoss, train
     from shortened.train.plan import SetupError
 
+    input_errors = bad_input_errors()
     try:
         config = load_config(RunConfig, args.config, args.overrides)
         train(config, hooks=[*hooks, *evaluation_hooks(config)])
-    except (ConfigError, NonFiniteLoss) as err:  # the same on every rank: said once
+    except input_errors as err:  # a config, data or checkpoint problem: the user fixes it, then reruns
+        print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:  # the same on every rank: said once
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 1
-    except CheckpointError as err:  # may concern one rank's files
-        print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
-        return 1
     except SetupError as err:  # rank 0 printed the cause
         log.debug("%s", err)
-        return 1
+        return 2 if err.rank0_error in {kind.__name__ for kind in input_errors} else 1
     except RuntimeError as err:
         if not any(sign in str(err) for sign in LOST_RANK_SIGNS):
             raise
@@ -73,6 +73,26 @@ def cpt_main(argv: Sequence[str] | None = None, hooks: Sequence[object] = ()) ->
               file=sys.stderr)
         return 1
     return 0
+
+
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean bad input (config, shards, tokenizer, checkpoint): one line, exit 2."""
+    from shortened.data.shards import ShardFormatError
+    from shortened.data.sources import InputError
+    from shortened.tokenizer import TokenizerNotFound
+    from shortened.train.checkpoint import CheckpointError
+    from shortened.train.loop import TokenOutOfRange
+
+    return ConfigError, CheckpointError, ShardFormatError, InputError, TokenizerNotFound, TokenOutOfRange
+
+
+def one_line(err: Exception) -> str:
+    """The message alone: an error raised in a DataLoader worker arrives wrapped with the worker's traceback."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(err).__name__ + ":") else last
+    return text
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
@@ -90,6 +110,6 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         out = export_hf(args.checkpoint, args.out, args.dtype)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"exported {args.checkpoint} -> {out}")
     return 0

@@ -59,12 +59,36 @@ def load_model(config: ModelConfig, model_dir: Path, precision: str, seq_len: in
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (projections, embeddings, LM head); none on norm weights and biases."""
+    """Weight decay on matrices (projections, embeddings, LM head); none on norm weights and biases.
+
+    Group 0 decays and group 1 does not: `apply_optim_settings` relies on that order.
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_optim_settings(engine, optim: OptimConfig, grad_clip: float) -> dict[str, Any]:
+    """Put the config's optimizer settings back after a checkpoint load, which restores the saved ones.
+
+    The optimizer's `load_state_dict` brings back the saved betas, eps, weight decay and the last step's learning
+    rate, and DeepSpeed's ZeRO optimizer the saved clipping threshold; without this a resumed run silently trains
+    with the old values while its config says otherwise. Returns the settings read back from the engine.
+    """
+    optimizer, scheduler = engine.optimizer, engine.lr_scheduler
+    groups = optimizer.param_groups
+    if len(groups) != 2:
+        raise RuntimeError(f"expected the decay and no-decay parameter groups, the optimizer has {len(groups)}")
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    for group, decay, lr_lambda in zip(groups, (optim.weight_decay, 0.0), scheduler.lr_lambdas):
+        group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay,
+                     lr=optim.lr * lr_lambda(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+    optimizer.clip_grad = grad_clip
+    return {"lr": groups[0]["lr"], "betas": list(groups[0]["betas"]), "eps": groups[0]["eps"],
+            "weight_decay": [group["weight_decay"] for group in groups], "grad_clip": optimizer.clip_grad}
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:

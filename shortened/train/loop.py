@@ -6,6 +6,7 @@ every N steps, at the end and on preemption, and one log line per step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ from shortened.train import checkpoint as ckpt
 from shortened.train.distributed import (DistEnv, all_gather_ints, all_reduce_sum, apply_timeout_to_all_groups,
                                          setup_distributed, shutdown)
 from shortened.train.ds_config import build_deepspeed_config
-from shortened.train.engine import build_engine, cpu_has_bf16_kernels, load_model
+from shortened.train.engine import apply_optim_settings, build_engine, cpu_has_bf16_kernels, load_model
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     """The loss (or the gradient) was NaN/inf and train.nan_policy says stop."""
+
+
+class TokenOutOfRange(ValueError):
+    """A batch holds a token id the model's embedding does not have; the message names the sample."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,18 @@ def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
 
 def _resume(engine, config: RunConfig, env: DistEnv, plan: RunPlan) -> None:
     load_dir, tag = ckpt.engine_load_location(plan.checkpoint, plan.universal)
-    loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    try:
+        loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except (OSError, RuntimeError, AssertionError, KeyError, ValueError, EOFError) as err:
+        # Its files passed the size check against the marker, so the content itself is damaged.
+        raise ckpt.CheckpointError(f"DeepSpeed could not load {load_dir}/{tag} ({type(err).__name__}: {err}); "
+                                   "resume=PATH from an older checkpoint of the run") from None
     if loaded is None:
-        raise ckpt.CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}")
-    # The scheduler's saved base learning rate would override optim.lr; the config decides (docs/training.md).
-    engine.lr_scheduler.base_lrs = [config.optim.lr] * len(engine.lr_scheduler.base_lrs)
+        raise ckpt.CheckpointError(f"DeepSpeed could not load {load_dir}/{tag}; resume=PATH from an older checkpoint")
+    applied = apply_optim_settings(engine, config.optim, config.train.grad_clip)  # the config decides, not the file
+    if env.is_main:
+        log.info("optimizer after resume: %s", json.dumps(applied))
     rng_file = plan.checkpoint.path / "rng" / f"rank_{env.rank:05d}.pt"
     if rng_file.is_file():
         restore_rng_state(load_rng_state(rng_file))
@@ -195,8 +206,10 @@ def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.dev
     """One optimizer step over `grad_accum` micro-batches: this rank's summed loss and its sample indices."""
     losses, sample_ids = [], []
     timer.start()
+    vocab_size = engine.module.config.vocab_size
     for _ in range(grad_accum):
         batch = next(batches)
+        check_token_range(batch, vocab_size)
         timer.stop("data_wait_s")
         loss = engine(**model_inputs(batch, device)).loss
         engine.backward(loss)
@@ -208,6 +221,20 @@ def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.dev
             sample_ids += batch["sample_index"].tolist()
     # float64: summing fp32 losses is then exact, so 1 rank x 2g micro-batches and 2 ranks x g agree bit for bit
     return torch.stack(losses).double().sum().item(), sample_ids
+
+
+def check_token_range(batch: dict[str, torch.Tensor], vocab_size: int) -> None:
+    """On the host batch, before it reaches the device: an id past the embedding is an IndexError (or a device
+    assert) deep in the forward, naming nothing. A max over a few thousand ids costs microseconds."""
+    ids = batch["input_ids"]
+    if int(ids.max()) < vocab_size and int(ids.min()) >= 0:
+        return
+    row = int(((ids >= vocab_size) | (ids < 0)).any(dim=1).nonzero()[0])
+    sample = int(batch["sample_index"][row]) if "sample_index" in batch else row
+    bad = ids[row][(ids[row] >= vocab_size) | (ids[row] < 0)][0]
+    raise TokenOutOfRange(f"sample {sample} holds token id {int(bad)}, outside the model's vocabulary of "
+                          f"{vocab_size}: the shards were tokenized for another vocabulary; prepare them with the "
+                          "model's tokenizer")
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

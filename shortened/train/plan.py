@@ -18,19 +18,25 @@ import torch
 import yaml
 
 from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, to_dict
-from shortened.data.shards import read_manifest
+from shortened.data.shards import check_shards
 from shortened.data.sources import InputError, discover
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
-from shortened.train.checkpoint import (FORMAT_VERSION, Checkpoint, architecture, check_batch_position, check_compatible,
-                                        ensure_universal, lock_run_dir, resolve_resume)
+from shortened.train.checkpoint import (FORMAT_VERSION, Checkpoint, CheckpointError, architecture,
+                                        check_batch_position, check_compatible, ensure_universal, lock_run_dir,
+                                        resolve_resume)
 from shortened.train.distributed import DistEnv, broadcast_object
+from shortened.train.ds_config import read_base_config
 from shortened.train.engine import hf_config_dict, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
 
 class SetupError(RuntimeError):
-    """Rank 0 could not set the run up; other ranks raise this with rank 0's message."""
+    """Rank 0 could not set the run up; other ranks raise this with rank 0's message and its error type's name."""
+
+    def __init__(self, message: str, rank0_error: str) -> None:
+        super().__init__(message)
+        self.rank0_error = rank0_error
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,17 @@ class RunPlan:
     budget: Budget
 
 
-def plan_budget(train: TrainConfig, seq_len: int) -> Budget:
+def plan_budget(train: TrainConfig, seq_len: int, start_step: int = 0, consumed_samples: int = 0) -> Budget:
+    """Where the run stops and the schedule's horizon, counting the tokens already trained.
+
+    The token budget is in tokens, so after a change of the global batch the steps left are the tokens left
+    divided by the new step size, not the budget as if every past step had had the new size.
+    """
     tokens_per_step = train.global_batch_size * seq_len
-    budget_steps = math.ceil(train.max_tokens / tokens_per_step) if train.max_tokens else 0
+    budget_steps = 0
+    if train.max_tokens:
+        tokens_left = max(0, train.max_tokens - consumed_samples * seq_len)
+        budget_steps = start_step + math.ceil(tokens_left / tokens_per_step)
     total = budget_steps or train.max_steps
     stop = min(s for s in (budget_steps, train.max_steps) if s)
     return Budget(tokens_per_step=tokens_per_step, total_steps=total, stop_step=stop)
@@ -70,12 +84,13 @@ def on_rank0(env: DistEnv, decide: Callable[[], Any]) -> Any:
             result = decide()
         except Exception as err:  # any failure must reach the other ranks, not strand them in the broadcast
             error = err
-    outcome = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
+    failure = None if error is None else (type(error).__name__, str(error))
+    outcome, rank0_failure = broadcast_object((result, failure))
     if error is not None:
         raise error
-    if outcome[1] is not None:
-        raise SetupError(f"rank 0 failed to set up the run ({outcome[1]})")
-    return outcome[0]
+    if rank0_failure is not None:
+        raise SetupError(f"rank 0 failed to set up the run ({': '.join(rank0_failure)})", rank0_failure[0])
+    return outcome
 
 
 def data_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
@@ -84,14 +99,19 @@ def data_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
                           "or raw .jsonl(.zst) input with data.format=stream")
     if config.data.format == "stream":
         return stream_identity(config, model_dir)
-    manifest = read_manifest(config.data.path)
+    manifest = check_shards(config.data.path)  # cheap: presence, sizes and headers; CRCs are checked on read
     if manifest["seq_len"] != config.data.seq_len:
         raise ConfigError(
             f"data.seq_len={config.data.seq_len}, but the shards in {config.data.path} hold {manifest['seq_len']}-token "
             f"sequences; set data.seq_len={manifest['seq_len']} or prepare shards with --seq-len {config.data.seq_len}"
         )
+    if not manifest["num_sequences"]:
+        raise ConfigError(f"data.path={config.data.path} holds no sequences ({manifest.get('docs_total', 0)} documents "
+                          f"of {manifest.get('tokens_total', 0)} tokens, shorter than one {manifest['seq_len']}-token "
+                          "sequence); prepare shards from a larger input")
     return {"seq_len": manifest["seq_len"], "tokenizer_sha256": manifest["tokenizer_sha256"],
-            "data_fingerprint": manifest.get("fingerprint"), "num_sequences": manifest["num_sequences"]}
+            "data_fingerprint": manifest.get("fingerprint"), "num_sequences": manifest["num_sequences"],
+            "vocab_size": manifest.get("vocab_size")}
 
 
 def stream_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
@@ -128,6 +148,28 @@ def model_tokenizer(model_dir: Path, data_sha256: str) -> Path | None:
     return tokenizer.path
 
 
+def check_data_fits(config: RunConfig, data: dict[str, Any], hf_config: dict[str, Any]) -> None:
+    """Token ids must index the model's embedding; a global batch larger than the corpus deserves a word."""
+    data_vocab, model_vocab = data.get("vocab_size"), hf_config.get("vocab_size")
+    if data_vocab and model_vocab and data_vocab > model_vocab:
+        raise ConfigError(f"data.path={config.data.path} was tokenized with a {data_vocab}-token vocabulary, but "
+                          f"model.init_from has vocab_size={model_vocab}: token ids would fall outside the "
+                          "embedding; prepare the shards with the model's own tokenizer")
+    sequences = data.get("num_sequences")
+    if sequences and config.train.global_batch_size > sequences:
+        log.warning("train.global_batch_size=%d is larger than the whole dataset (%d sequences in %s): every step "
+                    "trains on %.1f copies of it", config.train.global_batch_size, sequences, config.data.path,
+                    config.train.global_batch_size / sequences)
+
+
+def check_zero_stage(checkpoint: Checkpoint, deepspeed_config: str) -> None:
+    stage = read_base_config(deepspeed_config).get("zero_optimization", {}).get("stage")
+    saved = checkpoint.state.get("zero_stage")
+    if saved is not None and stage != saved:
+        raise CheckpointError(f"{checkpoint.path} was written with ZeRO stage {saved}, deepspeed_config="
+                              f"{deepspeed_config} has stage {stage}; resume with a stage-{saved} DeepSpeed config")
+
+
 def plan_run(config: RunConfig, env: DistEnv) -> RunPlan:
     """Collective. Rank 0 locks the run dir, validates data, model and resume target, and prepares the run dir."""
 
@@ -148,11 +190,13 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     identity = {"seq_len": data["seq_len"], "tokenizer_sha256": data["tokenizer_sha256"],
                 "data_fingerprint": data["data_fingerprint"], "architecture": architecture(hf_config)}
     tokenizer_file = model_tokenizer(model_dir, data["tokenizer_sha256"])
+    check_data_fits(config, data, hf_config)
     checkpoint = resolve_resume(config.resume, run_dir)
     universal, start_step, consumed = False, 0, 0
     if checkpoint is not None:
         check_compatible(checkpoint, identity, to_dict(config))
         check_batch_position(checkpoint, config.train.global_batch_size)
+        check_zero_stage(checkpoint, config.deepspeed_config)
         state = checkpoint.state
         start_step, consumed = state["step"], state["consumed_samples"]
         universal = state["world_size"] != world_size
@@ -164,7 +208,8 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     return RunPlan(run_dir=run_dir, model_dir=model_dir, tokenizer_file=tokenizer_file, hf_config=hf_config,
                    identity=identity, checkpoint=checkpoint, universal=universal, start_step=start_step,
-                   consumed_samples=consumed, budget=plan_budget(config.train, data["seq_len"]))
+                   consumed_samples=consumed,
+                   budget=plan_budget(config.train, data["seq_len"], start_step, consumed))
 
 
 def training_state(config: RunConfig, plan: RunPlan, world_size: int, step: int, consumed_samples: int,

@@ -1,0 +1,98 @@
+"""Which settings may change when a run resumes, and how each change is honoured; every other change is refused.
+
+A resumed run used to keep some of the checkpoint's values silently (DeepSpeed restores the clipping threshold,
+the optimizer's `load_state_dict` restores betas, eps, weight decay and the last learning rate) while the new
+checkpoint recorded the config's values. Now every key of `RunConfig` has a rule here, and a test walks the table
+in docs/training.md against it: a key is either honoured from the first resumed step (the trainer re-applies it
+after loading the checkpoint) or refused before training with both values named.
+
+The rules are matched by the longest dotted prefix, so `eval` covers every `eval.*` key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ResumeRule:
+    action: Literal["honoured", "refused", "ignored"]
+    how: str  # honoured: how the new value takes effect; refused: why it cannot change
+
+
+def honoured(how: str) -> ResumeRule:
+    return ResumeRule("honoured", how)
+
+
+def refused(why: str) -> ResumeRule:
+    return ResumeRule("refused", why)
+
+
+RULES: dict[str, ResumeRule] = {
+    "run_dir": ResumeRule("ignored", "where the run lives; a checkpoint may be resumed into another run_dir"),
+    "resume": ResumeRule("ignored", "chooses the checkpoint"),
+    "deepspeed_config": honoured("engine tuning (buckets, overlap) is read at start; the ZeRO stage may not change"),
+    "model.init_from": honoured("gives the architecture (checked) and the tokenizer; weights come from the checkpoint"),
+    "model.activation_checkpointing": honoured("applied when the model is built"),
+    "model.attn_implementation": honoured("applied when the model is built"),
+    "data.path": honoured("the next samples are read from it at the consumed position; other shards are warned about"),
+    "data.format": refused("the consumed-sample position means something else in the other format"),
+    "data.split": refused("the consumed-sample position counts documents of that split"),
+    "data.validation_path": honoured("read at each evaluation"),
+    "data.seq_len": refused("the checkpoint's position and token counts are in its sequence length"),
+    "data.seed": refused("the seed defines the sample order; another would repeat and skip samples"),
+    "data.num_workers": honoured("loader processes only; the samples do not depend on it"),
+    "data.document_mask": honoured("applies to every batch after the checkpoint"),
+    "train.global_batch_size": honoured("from the next step, if it divides the consumed samples; the token budget "
+                                        "counts the tokens already trained"),
+    "train.micro_batch_size": honoured("gradient accumulation is derived again; the global batch is unchanged"),
+    "train.max_tokens": honoured("the stop and the schedule's horizon are computed from the tokens already trained"),
+    "train.max_steps": honoured("the stop"),
+    "train.seed": refused("the model-side RNG continues from the checkpoint's saved state"),
+    "train.precision": refused("the checkpoint's optimizer state is laid out for its precision"),
+    "train.grad_clip": honoured("set on the optimizer after loading (DeepSpeed would restore the saved one)"),
+    "train.nan_policy": honoured("read at every step"),
+    "train.max_consecutive_skips": honoured("read at every step"),
+    "train.dist_timeout_s": honoured("applied when the process group is created"),
+    "optim.lr": honoured("the first resumed update uses the new peak times the schedule's factor"),
+    "optim.betas": honoured("set on every optimizer parameter group after loading"),
+    "optim.eps": honoured("set on every optimizer parameter group after loading"),
+    "optim.weight_decay": honoured("set on the decayed parameter group after loading (norms and biases stay at 0)"),
+    "optim.schedule": honoured("the schedule is a function of the step and the current config"),
+    "optim.warmup_steps": honoured("the schedule is a function of the step and the current config"),
+    "optim.min_lr_ratio": honoured("the schedule is a function of the step and the current config"),
+    "checkpoint": honoured("read at every save"),
+    "eval": honoured("read at every evaluation"),
+    "log": honoured("read at every step"),
+}
+
+
+def rule_for(key: str) -> ResumeRule:
+    """The rule of a dotted config key (longest matching prefix); a key without one is a bug, caught by a test."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        rule = RULES.get(".".join(parts[:end]))
+        if rule is not None:
+            return rule
+    raise KeyError(f"{key}: no resume rule; add it to shortened/train/resume_rules.py and docs/training.md")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested config dicts, with (old, new)."""
+    return _flat_diff(old, new)
+
+
+def _flat_diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(old) | set(new)):
+            out.update(_flat_diff(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return {} if _same(old, new) else {prefix.rstrip("."): (old, new)}
+
+
+def _same(old: Any, new: Any) -> bool:
+    """YAML writes tuples as lists; (0.9, 0.95) and [0.9, 0.95] are one value."""
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return list(old) == list(new)
+    return old == new
