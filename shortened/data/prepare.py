@@ -6,7 +6,7 @@ sequences and, after each shard, records where it stands in `.work/state.json`. 
 same command, keeps every finished unit and every finished shard and ends byte-identical to an uninterrupted one.
 A rerun on a finished output checks the shards (size and header; sha256 with --verify) and rebuilds the damaged
 ones from where each started, which `prepare_run.json` records: packing is deterministic, so they come out
-byte-identical. One data prep at a time holds an output (flock).
+byte-identical. One data prep at a time holds an output (a lock on OUTPUT/.lock).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ RUN_NAME = "run.json"  # .work/run.json: fingerprint and unit size of the run th
 # Command, timings, unit size, where each shard starts, input mtimes: kept out of the manifest so that it stays
 # byte-identical for any --workers and any copy of the corpus.
 RUN_INFO_NAME = "prepare_run.json"
-LOCK_NAME = ".lock"  # flock'ed while a data prep runs; left empty afterwards so outputs stay byte-identical
+LOCK_NAME = ".lock"  # locked while a data prep runs; left empty afterwards so outputs stay byte-identical
 HEAD_TAIL_BYTES = 64 << 10  # hashed at each end of every input file for the fingerprint
 MIN_UNIT_BYTES = 4096  # each unit costs a result file and a task: smaller units only add overhead
 
@@ -496,8 +496,11 @@ def _note_changed_mtimes(config: PrepareConfig, recorded: dict | None, files: li
 
 @contextmanager
 def _locked(output: Path) -> Iterator[None]:
-    """Hold an exclusive flock on OUTPUT for the whole run: two preps into one output would overwrite each other's
-    shards and delete each other's `.work/`. The kernel drops the lock when the process dies, however it dies."""
+    """Hold an exclusive lock on OUTPUT for the whole run: two preps into one output would overwrite each other's
+    shards and delete each other's `.work/`. The kernel drops the lock when the process dies, however it dies.
+
+    A POSIX lock (lockf) rather than flock: forked tokenizer workers do not inherit it, so a main process killed
+    alone does not leave its lock held by orphaned workers; it also holds across NFS clients."""
     try:
         output.mkdir(parents=True, exist_ok=True)
         handle = open(output / LOCK_NAME, "a+")
@@ -505,8 +508,8 @@ def _locked(output: Path) -> Iterator[None]:
         raise ConfigError(f"{output}: cannot create the output there ({err.strerror}); choose another --output"
                           ) from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, depending on the system
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
