@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shortened.config import ConfigError, LoraTrainConfig, from_dict
+from shortened.config import LoraTrainConfig, from_dict
+from shortened.prune import cli
 from shortened.prune.lora import train_lora
 
 
 def parse_args(argv: list[str]) -> dict:
     defaults = LoraTrainConfig.__dataclass_fields__
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF model directory (the pruned model)")
     parser.add_argument("--data", required=True, help="Alpaca-format .json list or .jsonl")
     parser.add_argument("--out", required=True, help="run directory; re-running with it resumes")
@@ -36,14 +37,10 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        config = from_dict(LoraTrainConfig, parse_args(argv), source="command line")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = from_dict(LoraTrainConfig, parse_args(argv), source="command line")
     print(f"merged model: {train_lora(config)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.run(lambda: main(sys.argv[1:])))

@@ -11,19 +11,22 @@ import json
 import shlex
 import sys
 
-from shortened.config import ConfigError, PruneConfig, from_dict
+from shortened.prune import cli
 from shortened.prune.pruner import prune
 
 
 def parse_args(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF model directory (or a cached hub id)")
-    parser.add_argument("--out", required=True, help="output directory for the pruned model and prune_report.json")
+    parser.add_argument("--out", required=True, help="output directory for the pruned model and prune_report.json "
+                        "(new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model directory --out names")
     parser.add_argument("--criterion", choices=["ppl", "taylor", "magnitude", "bi", "angular"], default="ppl")
     size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--remove", type=int, default=0, help="number of blocks to remove")
-    size.add_argument("--ratio", type=float, default=0.0, help="fraction of all parameters to remove")
-    size.add_argument("--keep-blocks", type=int, default=0, help="number of blocks to keep")
+    # default None, not 0: argparse counts a flag given its default as not given ("--remove 0" would be "missing").
+    size.add_argument("--remove", type=int, help="number of blocks to remove")
+    size.add_argument("--ratio", type=float, help="fraction of all parameters to remove")
+    size.add_argument("--keep-blocks", type=int, help="number of blocks to keep")
     parser.add_argument("--calib", required=True, help=".txt/.jsonl/.jsonl.zst file or directory, or token shards")
     parser.add_argument("--calib-field", default="text", help="JSON field with the text (jsonl input)")
     parser.add_argument("--calib-samples", type=int, default=10)
@@ -44,13 +47,10 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        config = from_dict(PruneConfig, parse_args(argv), source="command line")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    command = shlex.join([sys.executable, *sys.argv])
-    report = prune(config, command=command)
+    args = parse_args(argv)
+    overwrite = args.pop("overwrite")
+    config = cli.prune_config(args)
+    report = prune(config, command=shlex.join([sys.executable, *sys.argv]), overwrite=overwrite)
     summary = {k: report[k] for k in ("removed_blocks", "num_blocks_after", "params_after",
                                       "calib_ppl_before", "calib_ppl_after")}
     print(json.dumps(summary))
@@ -58,4 +58,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.run(lambda: main(sys.argv[1:])))

@@ -51,7 +51,7 @@ def test_custom_field_and_errors_name_the_file_and_the_fix(tokenizer, tmp_path):
     assert calibration_windows(good, tokenizer, 2, 64, seed=0, field="body").shape == (2, 64)
     with pytest.raises(CalibrationError, match=r"body.jsonl:1: no string field 'text'; pass --calib-field"):
         calibration_windows(good, tokenizer, 2, 64, seed=0)
-    with pytest.raises(CalibrationError, match=r"documents have >= 4096 tokens.*--calib-len"):
+    with pytest.raises(CalibrationError, match=r"only 0 of which have >= 4096 tokens; 2 samples of 4096 tokens need 2 documents.*--calib-len"):
         calibration_windows(good, tokenizer, 2, 4096, seed=0, field="body")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": \n')

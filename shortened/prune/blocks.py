@@ -11,6 +11,8 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
+from shortened.prune.errors import PruneInputError
+
 # Architectures whose decoder block is exactly Llama's: pre-norm attention + gated MLP on a residual stream,
 # layers in `model.model.layers`. Others may look alike and differ (parallel blocks, MoE, cross-layer KV), so
 # they are refused rather than pruned into a wrong model.
@@ -23,7 +25,7 @@ _BLOCK_MODULES = (
 _PER_LAYER_CONFIG_KEYS = ("layer_types",)
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(PruneInputError):
     """The model's architecture is not a Llama-layout decoder this package can prune."""
 
 

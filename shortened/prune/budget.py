@@ -13,13 +13,15 @@ published 26 / 17 / 12 / 6 blocks kept at 20 / 45 / 60 / 80 %; a strict `<= R` w
 """
 from __future__ import annotations
 
+from shortened.prune.errors import PruneInputError
+
 RATIO_TOLERANCE = 0.005
 
 
 def blocks_for_ratio(ratio: float, total_params: int, block_params: int) -> int:
     """The number of blocks whose removal takes away `ratio` of `total_params` (see the module docstring)."""
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"--ratio must lie strictly between 0 and 1 (a fraction of parameters), got {ratio}")
+        raise PruneInputError(f"--ratio must lie strictly between 0 and 1 (a fraction of parameters), got {ratio}")
     # The small epsilon keeps an exact boundary (k * P_block == limit) from being lost to float rounding.
     return int((ratio + RATIO_TOLERANCE) * total_params / block_params + 1e-9)
 
@@ -32,19 +34,55 @@ def blocks_to_remove(
     remove: int = 0,
     ratio: float = 0.0,
     keep: int = 0,
+    protect_first: int = 0,
+    protect_last: int = 0,
 ) -> int:
-    """Resolve exactly one of `remove`, `ratio`, `keep` (the others 0) to a block count in 1..num_blocks-1."""
-    given = [name for name, value in (("--remove", remove), ("--ratio", ratio), ("--keep-blocks", keep)) if value]
+    """Resolve exactly one of `remove`, `ratio`, `keep` (the others 0) to a block count in 1..num_blocks-1 that
+    leaves the protected blocks in place."""
+    given = [(name, value) for name, value in (("--remove", remove), ("--ratio", ratio), ("--keep-blocks", keep))
+             if value]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of --remove, --ratio, --keep-blocks (got {', '.join(given) or 'none'})")
+        raise PruneInputError(f"give exactly one of --remove, --ratio, --keep-blocks "
+                              f"(got {', '.join(name for name, _ in given) or 'none'})")
     if remove:
         count = remove
     elif keep:
         count = num_blocks - keep
     else:
         count = blocks_for_ratio(ratio, total_params, block_params)
+    asked = f"{given[0][0]} {given[0][1]}" + ("" if remove else f" removes {count} blocks")
     if not 1 <= count < num_blocks:
-        raise ValueError(
-            f"{given[0]} asks to remove {count} of {num_blocks} blocks; at least one must go and one must stay"
-        )
+        raise PruneInputError(f"{asked}, but the model has {num_blocks} blocks: at least one must go and one must "
+                              "stay")
+    check_removable(count, num_blocks, protect_first, protect_last, asked)
     return count
+
+
+def candidate_blocks(num_blocks: int, protect_first: int, protect_last: int) -> list[int]:
+    """The blocks the "+" heuristic lets go: all but the first `protect_first` and the last `protect_last`."""
+    if protect_first < 0 or protect_last < 0:
+        raise PruneInputError("--protect-first and --protect-last must be >= 0")
+    return list(range(protect_first, num_blocks - protect_last))
+
+
+def check_removable(count: int, num_blocks: int, protect_first: int, protect_last: int, asked: str) -> None:
+    """Refuse a count that would take protected blocks; the message names the count and the protected blocks."""
+    candidates = candidate_blocks(num_blocks, protect_first, protect_last)
+    if count > len(candidates):
+        raise PruneInputError(
+            f"{asked}, but only {len(candidates)} of the model's {num_blocks} blocks may be removed: "
+            f"{_protected(num_blocks, protect_first, protect_last)}; lower the count, or the protection "
+            f"(--protect-first {protect_first}, --protect-last {protect_last}, --no-protect)"
+        )
+
+
+def _protected(num_blocks: int, protect_first: int, protect_last: int) -> str:
+    first = min(protect_first, num_blocks)
+    last = max(first, num_blocks - protect_last)
+    spans = [f"{_span(0, first)} by --protect-first {protect_first}" if first else "",
+             f"{_span(last, num_blocks)} by --protect-last {protect_last}" if last < num_blocks else ""]
+    return " and ".join(s for s in spans if s) + " are protected" if any(spans) else "none is protected"
+
+
+def _span(start: int, stop: int) -> str:
+    return f"block {start}" if stop - start == 1 else f"blocks {start}-{stop - 1}"

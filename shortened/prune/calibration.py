@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 
 from shortened.data.shards import MANIFEST_NAME, open_shards
+from shortened.prune.errors import PruneInputError
 from shortened.tokenizer import Tokenizer
 
 DOCUMENT_SUFFIXES = (".txt", ".raw", ".jsonl", ".jsonl.zst")  # .raw: WikiText's plain-text release
 
 
-class CalibrationError(ValueError):
+class CalibrationError(PruneInputError):
     """The calibration input cannot give the requested windows; the message names the file and the fix."""
 
 
@@ -40,12 +41,18 @@ def calibration_windows(
     if (Path(path) / MANIFEST_NAME).is_file():
         return shard_windows(path, tokenizer.sha256, num_samples, length, seed)
     documents = read_documents(path, field)
+    need = f"{num_samples} samples of {length} tokens need {num_samples} documents of at least {length} tokens"
+    if not documents:
+        raise CalibrationError(f"{path}: no text (empty, or only blank lines); {need}: give a calibration file "
+                               "with text")
     rng = random.Random(seed)
     order = list(range(len(documents)))
     rng.shuffle(order)
     windows: list[list[int]] = []
+    tokens = 0
     for index in order:
         ids = [tokenizer.bos_id] + tokenizer.encode(documents[index])
+        tokens += len(ids)
         if len(ids) < length:
             continue
         start = rng.randint(0, len(ids) - length)
@@ -53,8 +60,9 @@ def calibration_windows(
         if len(windows) == num_samples:
             return torch.tensor(windows, dtype=torch.long)
     raise CalibrationError(
-        f"{path}: only {len(windows)} of {len(documents)} documents have >= {length} tokens, "
-        f"{num_samples} needed; give a larger calibration file or lower --calib-samples / --calib-len"
+        f"{path}: {tokens} tokens in {len(documents)} documents, only {len(windows)} of which have >= {length} "
+        f"tokens; {need} ({num_samples * length} tokens): give more or longer text, or lower --calib-samples / "
+        "--calib-len"
     )
 
 
@@ -70,7 +78,8 @@ def shard_windows(path: str | Path, tokenizer_sha256: str, num_samples: int, len
     if length > shards.seq_len:
         raise CalibrationError(f"{manifest}: sequences hold {shards.seq_len} tokens, --calib-len {length} is longer")
     if num_samples > len(shards):
-        raise CalibrationError(f"{manifest}: {len(shards)} sequences, {num_samples} calibration samples asked")
+        raise CalibrationError(f"{manifest}: {len(shards)} sequences ({len(shards) * shards.seq_len} tokens), "
+                               f"{num_samples} calibration samples need as many; lower --calib-samples")
     rng = random.Random(seed)
     windows = []
     for index in rng.sample(range(len(shards)), num_samples):

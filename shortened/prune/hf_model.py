@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shortened.prune.blocks import check_supported
+from shortened.prune.blocks import block_param_counts, check_supported
+from shortened.prune.errors import PruneInputError
 
 # Files that make a model directory usable by our tokenizer (tokenizer.model) and by transformers' AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -30,18 +31,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+class ModelDirError(PruneInputError):
+    """--model names no Hugging Face model directory (none there, or no config.json in it)."""
+
+
 def resolve_model_dir(model: str) -> Path:
     """A local directory as is; a hub id only from the local cache (nothing is downloaded at run time)."""
     path = Path(model)
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelDirError(f"--model {model}: {path / 'config.json'} is missing, so this is not a Hugging Face "
+                                "model directory; pass the directory save_pretrained wrote")
         return path
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=model, local_files_only=True))
     except Exception as err:  # the hub client raises several types for "not cached" / "bad id"
-        raise FileNotFoundError(
-            f"{model}: not a model directory and not in the local Hugging Face cache ({type(err).__name__}); "
+        raise ModelDirError(
+            f"--model {model}: not a model directory and not in the local Hugging Face cache ({type(err).__name__}); "
             "download it first or pass a directory"
         ) from None
 
@@ -54,6 +62,19 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def model_shape(model_dir: Path) -> tuple[int, int, int]:
+    """(blocks, all parameters, parameters of the first block) from config.json alone: a model built on the meta
+    device holds no weights, so a bad block count is refused before minutes of loading a 7B checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    check_supported(config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    blocks = block_param_counts(skeleton)
+    return len(blocks), sum(p.numel() for p in skeleton.parameters()), blocks[0]
 
 
 def load_causal_lm(model_dir: Path, dtype: torch.dtype | str, device: torch.device) -> nn.Module:

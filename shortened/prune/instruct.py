@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from shortened.prune.errors import PruneInputError
 from shortened.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -28,7 +29,7 @@ PROMPT_NO_INPUT = (
 )
 
 
-class InstructDataError(ValueError):
+class InstructDataError(PruneInputError):
     """The instruction file is unreadable or a record lacks a field; the message names file and record."""
 
 

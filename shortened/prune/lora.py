@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shortened.config import LoraTrainConfig, save_config, to_dict
+from shortened.prune.errors import PruneInputError
 from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dtype, resolve_model_dir, save_model_dir
 from shortened.prune.instruct import IGNORE_INDEX, Example, collate, encode_example, read_alpaca
 from shortened.prune.lora_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
@@ -36,7 +37,7 @@ from shortened.tokenizer import load_tokenizer
 _RESUME_FREE_FIELDS = ("save_every_steps", "keep_last", "device")
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(PruneInputError):
     """The run directory holds checkpoints of a run with a different configuration."""
 
 

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from shortened.config import PruneConfig, to_dict
-from shortened.prune.blocks import block_param_counts, decoder_layers, remove_blocks, skip_blocks
+from shortened.prune.blocks import block_param_counts, remove_blocks, skip_blocks
 from shortened.prune.budget import blocks_to_remove
 from shortened.prune.calibration import calibration_windows
+from shortened.prune.errors import PruneInputError
 from shortened.prune.hf_model import (
     load_causal_lm,
+    model_shape,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
@@ -36,12 +39,18 @@ SCORE_MEANING = {
 }
 
 
-def prune(config: PruneConfig, command: str = "") -> dict:
-    """Prune `config.model` into `config.out`; returns the report that is also written to prune_report.json."""
+def prune(config: PruneConfig, command: str = "", overwrite: bool = False) -> dict:
+    """Prune `config.model` into `config.out`; returns the report that is also written to prune_report.json.
+
+    `config.out` must be new or empty; `overwrite` lets it replace a model directory there (never the source).
+    """
     started = time.time()
     model_dir = resolve_model_dir(config.model)
-    if Path(config.out).resolve() == model_dir.resolve():
-        raise ValueError(f"--out {config.out} is the source model's directory; pruning would overwrite it")
+    check_out_dir(Path(config.out), model_dir, overwrite)
+    num_blocks, total_params, first_block_params = model_shape(model_dir)
+    count = blocks_to_remove(num_blocks, total_params, first_block_params, remove=config.remove, ratio=config.ratio,
+                             keep=config.keep_blocks, protect_first=config.protect_first,
+                             protect_last=config.protect_last)
     tokenizer_source = Path(config.tokenizer) if config.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_source)
     device = resolve_device(config.device)
@@ -52,11 +61,8 @@ def prune(config: PruneConfig, command: str = "") -> dict:
     # Taylor keeps fp32 weights so gradients accumulate in fp32; `dtype` then only sets the autocast precision.
     weights_dtype = torch.float32 if config.criterion in GRADIENT_CRITERIA else dtype
     model = load_causal_lm(model_dir, weights_dtype, device)
-    num_blocks = len(decoder_layers(model))
     block_params = block_param_counts(model)
     params_before = sum(p.numel() for p in model.parameters())
-    count = blocks_to_remove(num_blocks, params_before, block_params[0],
-                             remove=config.remove, ratio=config.ratio, keep=config.keep_blocks)
 
     ppl_before = perplexity(model, windows, config.calib_batch_size, dtype)
     selection = select_blocks(
@@ -75,7 +81,8 @@ def prune(config: PruneConfig, command: str = "") -> dict:
             torch.cuda.empty_cache()
         model = load_causal_lm(model_dir, "auto", torch.device("cpu"))
     remove_blocks(model, selection.removed)
-    out = save_model_dir(model, config.out, tokenizer_source)
+    staging = _staging_dir(Path(config.out))
+    save_model_dir(model, staging, tokenizer_source)
 
     report = {
         "format_version": REPORT_VERSION,
@@ -106,5 +113,46 @@ def prune(config: PruneConfig, command: str = "") -> dict:
         "command": command,
         "time_s": round(time.time() - started, 2),
     }
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    _move_into_place(staging, Path(config.out))
     return report
+
+
+def check_out_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
+    """Refuse an --out whose files pruning would destroy: the source model (or a directory holding it), any
+    non-empty directory without `overwrite`, and with it anything that is not a model directory."""
+    resolved = out.resolve()
+    if resolved == model_dir.resolve() or resolved in model_dir.resolve().parents:
+        raise PruneInputError(f"--out {out} is or contains the source model {model_dir}; pruning would overwrite "
+                              "it: choose another --out")
+    if out.exists() and not out.is_dir():
+        raise PruneInputError(f"--out {out} is a file, not a directory: choose another --out")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    if not overwrite:
+        raise PruneInputError(f"--out {out} is not empty ({listing}): choose a new or empty directory, or pass "
+                              "--overwrite to replace the model in it")
+    if not (out / "config.json").is_file():
+        raise PruneInputError(f"--out {out} holds {listing} but no config.json, so it is not a model directory "
+                              "--overwrite may replace: choose a new or empty directory")
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh hidden sibling of `out`: the model and report are written there, then moved into place whole."""
+    staging = out.parent / f".{out.name}.pruning"
+    shutil.rmtree(staging, ignore_errors=True)  # the leftover of a killed run
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace `out` by `staging` so no file of an older model stays beside the new one (a stale shard index
+    would be loaded instead of it); the old directory is deleted only once the new one is in place."""
+    old = out.parent / f".{out.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shortened.prune.blocks import decoder_layers, skip_blocks
+from shortened.prune.budget import candidate_blocks, check_removable
 from shortened.prune.importance import CRITERIA, GRADIENT_CRITERIA, SCORERS
 
 
@@ -19,12 +20,6 @@ class Selection:
     removed: list[int]  # original indices, in the order they were chosen
     scores: list[float | None]  # one-shot: per original block (angular: per run start); iterative: the first round
     rounds: list[dict] = field(default_factory=list)  # iterative: {"scores": {block: score}, "removed": block}
-
-
-def candidate_blocks(num_blocks: int, protect_first: int, protect_last: int) -> list[int]:
-    if protect_first < 0 or protect_last < 0:
-        raise ValueError("--protect-first and --protect-last must be >= 0")
-    return list(range(protect_first, num_blocks - protect_last))
 
 
 def select_blocks(
@@ -42,12 +37,8 @@ def select_blocks(
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     num_blocks = len(decoder_layers(model))
+    check_removable(count, num_blocks, protect_first, protect_last, f"{count} blocks to remove")
     candidates = candidate_blocks(num_blocks, protect_first, protect_last)
-    if count > len(candidates):
-        raise ValueError(
-            f"cannot remove {count} blocks: only {len(candidates)} of {num_blocks} are unprotected "
-            f"(--protect-first {protect_first}, --protect-last {protect_last}); lower the protection or the count"
-        )
     if iterative:
         if criterion in GRADIENT_CRITERIA:
             raise ValueError(f"--iterative re-scores after every removal; use it with a criterion that needs no "
