@@ -12,11 +12,12 @@ import logging
 import os
 import sys
 
+from shortened.eval import cli
 from shortened.eval.watch import clean_launcher_env, load_watch_config, watch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the trainer's run directory")
     parser.add_argument("--every-tokens", type=float, default=0,
                         help="evaluate the first checkpoint of every interval of this many tokens (default: all)")
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

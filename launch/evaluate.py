@@ -10,11 +10,12 @@ import logging
 import sys
 
 from shortened.config import EvalConfig, load_config
+from shortened.eval import cli
 from shortened.eval.single import evaluate_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face model directory, or a hub id in the local cache")
     parser.add_argument("--tasks", help="comma-separated task names (default: eval.tasks)")
     parser.add_argument("--data-dir", help="the evaluation mirror (see launch/prepare_eval_data.py)")
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -38,13 +38,13 @@ def train_windows(tokenizer_model):
 
 @pytest.fixture
 def mirror(tmp_path):
-    """piqa and wikitext2 as shipped, boolq cut short mid-row (a broken download)."""
+    """piqa and wikitext2 as shipped, boolq an error page saved in place of the data (a broken download)."""
     root = tmp_path / "mirror"
     for rel in ("piqa/validation.jsonl", "wikitext2/test.jsonl", "boolq/validation.jsonl"):
         (root / rel).parent.mkdir(parents=True)
         (root / rel).write_bytes((EVAL_DATA / rel).read_bytes())
     broken = root / "boolq" / "validation.jsonl"
-    broken.write_bytes(broken.read_bytes()[:-40])
+    broken.write_text("<html><body>503 Service Unavailable</body></html>\n")
     return root
 
 

@@ -126,11 +126,11 @@ def test_failing_task_is_recorded_and_the_rest_still_run(tmp_path, tokenizer_mod
         (mirror / task).mkdir(parents=True)
         (mirror / task / "validation.jsonl").write_bytes((EVAL_DATA / task / "validation.jsonl").read_bytes())
     broken = mirror / "boolq" / "validation.jsonl"
-    broken.write_bytes(broken.read_bytes()[:-40])  # a download cut short: the last row is half a JSON object
+    broken.write_text("<html><body>503 Service Unavailable</body></html>\n")  # an error page saved as the data
     config = EvalConfig(tasks=["boolq", "piqa"], data_dir=str(mirror), limit=8)
     rows = EvalSuite(config, tokenizer_model).run(build_tiny_llama(seed=1, num_layers=2))
     by_task = {r["task"]: r for r in rows if r["primary"]}
     assert by_task["boolq"]["status"] == "failed" and by_task["boolq"]["value"] is None
-    assert "Traceback" in by_task["boolq"]["error"]
+    assert "Traceback" in by_task["boolq"]["error"] and f"{broken}: no row can be scored" in by_task["boolq"]["error"]
     assert by_task["piqa"]["status"] == "ok" and by_task["piqa"]["samples"] == 8
     assert by_task["zero_shot_mean"]["status"] == "failed" and "boolq" in by_task["zero_shot_mean"]["error"]

@@ -86,7 +86,10 @@ def headline(rows: list[dict[str, Any]]) -> str:
     """One console line for an evaluation: each task's reported metric, and the tasks that failed."""
     shown = [f"{r['task']} {r['metric']} {r['value']:.4g}" for r in rows if r["status"] == "ok" and r["primary"]]
     failed = sorted({r["task"] for r in rows if r["status"] != "ok"})
-    return ", ".join(shown + ([f"FAILED: {', '.join(failed)} (see results.jsonl)"] if failed else [])) or "no rows"
+    skipped = [f"{r['task']} skipped {r['skipped_rows']} malformed row(s)" for r in rows
+               if r["status"] == "ok" and r["primary"] and r.get("skipped_rows")]
+    notes = skipped + ([f"FAILED: {', '.join(failed)}"] if failed else [])
+    return ", ".join(shown + ([f"{'; '.join(notes)} (see results.jsonl)"] if notes else [])) or "no rows"
 
 
 @contextlib.contextmanager

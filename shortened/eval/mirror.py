@@ -49,8 +49,12 @@ def lm_eval_task_name(spec: LmEvalTask) -> str:
     return f"mirror_{spec.name}"
 
 
-def write_lm_eval_overrides(specs: Sequence[LmEvalTask], data_dir: str | Path, out_dir: str | Path) -> dict[str, str]:
-    """Write one override YAML per task into `out_dir` (an lm-eval include path); return name -> lm-eval task name."""
+def write_lm_eval_overrides(specs: Sequence[LmEvalTask], data_dir: str | Path, out_dir: str | Path,
+                            data_files: dict[str, dict[str, Path]] | None = None) -> dict[str, str]:
+    """Write one override YAML per task into `out_dir` (an lm-eval include path); return name -> lm-eval task name.
+
+    `data_files`: task -> split -> the file lm-eval reads (default: the mirror's own files).
+    """
     from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own include resolution, for its split names
 
     root = Path(data_dir).resolve()
@@ -70,7 +74,8 @@ def write_lm_eval_overrides(specs: Sequence[LmEvalTask], data_dir: str | Path, o
             "tag": [],  # the base's tags would register groups pointing at the mirror copies
             "dataset_path": "json",
             "dataset_name": None,
-            "dataset_kwargs": {"data_files": {split: str(root / f) for split, f in spec.splits.items()}},
+            "dataset_kwargs": {"data_files": {split: str((data_files or {}).get(spec.name, {}).get(split, root / f))
+                                              for split, f in spec.splits.items()}},
         }
         for key in _SPLIT_KEYS:
             if base.get(key) is not None and base[key] not in spec.splits:

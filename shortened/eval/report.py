@@ -17,7 +17,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]
 
 def paper_table(rows: Sequence[dict[str, Any]]) -> str:
     """One header and one value line in the order of the rows: each task's reported metric (accuracies in %, as
-    the paper prints them), then the zero-shot mean, then perplexities; failures listed underneath."""
+    the paper prints them), then the zero-shot mean, then perplexities; failures and skipped rows underneath."""
     primary = [r for r in rows if r["primary"]]
     order = [r for r in primary if r["metric"] != PERPLEXITY_METRIC and r["task"] != ZERO_SHOT_MEAN]
     order += [r for r in primary if r["task"] == ZERO_SHOT_MEAN]
@@ -37,4 +37,7 @@ def paper_table(rows: Sequence[dict[str, Any]]) -> str:
         if row["status"] != "ok":
             last = (row.get("error") or "").strip().splitlines()[-1:] or [""]
             lines.append(f"FAILED {row['task']}: {last[0]}")
+        elif row["primary"] and row.get("skipped_rows"):
+            lines.append(f"SKIPPED {row['task']}: {row['skipped_rows']} malformed row(s) not scored, first: "
+                         f"{row['skipped'][0]}")
     return "\n".join(lines)

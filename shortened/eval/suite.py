@@ -27,6 +27,10 @@ from shortened.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
+class ModelFileError(FileNotFoundError):
+    """The model to evaluate, or a file of it evaluation needs, is not there; the message names it and the fix."""
+
+
 class EvalSuite:
     def __init__(self, config: EvalConfig, tokenizer_file: str | Path, groups: EvalGroups | None = None,
                  validation_path: str | Path = "") -> None:
@@ -108,15 +112,22 @@ class EvalSuite:
         log.error("evaluation task %s failed:\n%s", task, message)
         return [], [failed_row(task, metric, message, time.perf_counter() - start)]
 
-    def _zero_shot_rows(self, spec: LmEvalTask, result, seconds: float) -> list[dict[str, Any]]:
-        metrics, samples = result
+    def _zero_shot_rows(self, spec: LmEvalTask, score, seconds: float) -> list[dict[str, Any]]:
+        from shortened.eval.rows import MAX_REPORTED_ROWS
+
+        metrics = score.metrics
         if spec.metric not in metrics:
             error = (f"task {spec.name}: lm-eval reported {', '.join(metrics) or 'no metric'}, but the task table "
                      f"asks for {spec.metric!r}; fix tasks.{spec.name}.metric")
             log.error(error)
             return [failed_row(spec.name, spec.metric, error, seconds)]
-        return [ok_row(spec.name, metric, value, stderr, primary=metric == spec.metric, samples=samples,
-                       seconds=seconds) for metric, (value, stderr) in metrics.items()]
+        # Malformed rows were not scored; the row says how many and names the first, so the number is not
+        # mistaken for one over the whole file.
+        skipped: dict[str, Any] = {"skipped_rows": len(score.skipped)}
+        if score.skipped:
+            skipped["skipped"] = [str(p) for p in score.skipped[:MAX_REPORTED_ROWS]]
+        return [{**ok_row(spec.name, metric, value, stderr, primary=metric == spec.metric, samples=score.samples,
+                          seconds=seconds), **skipped} for metric, (value, stderr) in metrics.items()]
 
     def _perplexity_sums(self, model: torch.nn.Module, spec: PerplexityTask) -> tuple[float, int]:
         if spec.name not in self._windows:
@@ -179,6 +190,6 @@ def _sentencepiece_file(path: str | Path) -> Path:
     path = Path(path)
     file = path / "tokenizer.model" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no SentencePiece tokenizer.model; evaluation scores LLaMA models with "
-                                "SentencePiece ids, so pass the tokenizer.model file or its directory")
+        raise ModelFileError(f"{file}: no SentencePiece tokenizer.model; evaluation scores LLaMA models with "
+                             "SentencePiece ids, so pass the tokenizer.model file or its directory")
     return file

@@ -9,6 +9,7 @@ from typing import Any, Sequence, Union
 import yaml
 
 from shortened.config import ConfigError
+from shortened.eval.rows import SCHEMAS
 
 DEFAULT_TASK_FILE = Path(__file__).with_name("tasks.yaml")
 PERPLEXITY_METRIC = "ppl"
@@ -32,6 +33,7 @@ class LmEvalTask:
     in_mean: bool
     splits: dict[str, str]  # split name -> file relative to the mirror directory
     hub: HubSource | None
+    rows: str | None = None  # the row schema of shortened/eval/rows.py its files are checked against
 
     kind = "lm_eval"
 
@@ -83,7 +85,7 @@ def _parse_entry(path: Path, name: str, entry: Any) -> TaskSpec:
     kind = entry.get("kind")
     hub = _parse_hub(where, entry.get("hub"))
     if kind == "lm_eval":
-        _check_keys(where, entry, {"kind", "lm_eval_task", "metric", "in_mean", "splits", "hub"})
+        _check_keys(where, entry, {"kind", "lm_eval_task", "metric", "in_mean", "splits", "hub", "rows"})
         splits = _required(where, entry, "splits", dict)
         if not splits or not all(isinstance(k, str) and isinstance(v, str) for k, v in splits.items()):
             raise ConfigError(f"{where}.splits: expected a mapping of split name -> file under the mirror")
@@ -94,6 +96,7 @@ def _parse_entry(path: Path, name: str, entry: Any) -> TaskSpec:
             in_mean=bool(entry.get("in_mean", False)),
             splits=dict(splits),
             hub=hub,
+            rows=_parse_rows(where, entry.get("rows")),
         )
     if kind == "perplexity":
         _check_keys(where, entry, {"kind", "file", "field", "join", "hub"})
@@ -124,6 +127,13 @@ def lm_eval_tasks_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("lm-eval is not installed; install the pinned lm-eval==0.4.13 (see setup.py)")
     return Path(list(spec.submodule_search_locations)[0]) / "tasks"
+
+
+def _parse_rows(where: str, value: Any) -> str | None:
+    if value is not None and value not in SCHEMAS:
+        raise ConfigError(f"{where}.rows: {value!r} is not a row schema; known: {', '.join(SCHEMAS)} "
+                          "(or leave it out: then only 'one JSON object a line' is checked)")
+    return value
 
 
 def _parse_hub(where: str, raw: Any) -> HubSource | None:

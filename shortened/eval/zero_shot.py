@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import lm_eval
@@ -19,9 +20,11 @@ from lm_eval.tasks import TaskManager
 from shortened.eval.dist import EvalGroups
 from shortened.eval.hf_tokenizer import SentencePieceHFTokenizer
 from shortened.eval.mirror import check_mirror, write_lm_eval_overrides
+from shortened.eval.rows import MAX_REPORTED_ROWS, RowProblem, scorable_files
 from shortened.eval.tasks import LmEvalTask
 
 Metrics = dict[str, tuple[float, "float | None"]]  # metric -> (value, stderr)
+log = logging.getLogger(__name__)
 
 
 class ShardedHFLM(HFLM):
@@ -56,18 +59,36 @@ def build_lm(model: torch.nn.Module, tokenizer_file: str | Path, batch_size: int
     return HFLM(**kwargs) if groups is None else ShardedHFLM(groups, **kwargs)
 
 
-def evaluate_task(lm: HFLM, spec: LmEvalTask, data_dir: str | Path, limit: int = 0) -> tuple[Metrics, int] | None:
-    """Run one task: (metrics, documents scored) on rank 0, where lm-eval aggregates; None on the other ranks."""
+@dataclass(frozen=True)
+class TaskScore:
+    metrics: Metrics
+    samples: int  # documents scored
+    skipped: list[RowProblem]  # malformed rows of the task's files, left out
+
+
+def evaluate_task(lm: HFLM, spec: LmEvalTask, data_dir: str | Path, limit: int = 0) -> TaskScore | None:
+    """Run one task over its valid rows: the score on rank 0, where lm-eval aggregates; None on the other ranks."""
     check_mirror(data_dir, [spec])
     with tempfile.TemporaryDirectory(prefix=f"lm_eval_{spec.name}_") as include_dir:
-        task_name = write_lm_eval_overrides([spec], data_dir, include_dir)[spec.name]
+        files, skipped = scorable_files({split: Path(data_dir) / f for split, f in spec.splits.items()}, spec.rows,
+                                        include_dir)
+        if skipped and lm.rank == 0:
+            _warn_skipped(spec.name, skipped)
+        task_name = write_lm_eval_overrides([spec], data_dir, include_dir, {spec.name: files})[spec.name]
         manager = TaskManager(include_path=include_dir, include_defaults=False)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[task_name], limit=limit or None, task_manager=manager, log_samples=False,
         )
     if out is None:
         return None
-    return parse_metrics(out["results"][task_name]), int(out["n-samples"][task_name]["effective"])
+    return TaskScore(parse_metrics(out["results"][task_name]), int(out["n-samples"][task_name]["effective"]), skipped)
+
+
+def _warn_skipped(task: str, skipped: list[RowProblem]) -> None:
+    shown = "\n  ".join(str(p) for p in skipped[:MAX_REPORTED_ROWS])
+    more = f"\n  ... and {len(skipped) - MAX_REPORTED_ROWS} more" if len(skipped) > MAX_REPORTED_ROWS else ""
+    log.warning("task %s: %d malformed row(s) left out, not scored (fix the mirror file):\n  %s%s",
+                task, len(skipped), shown, more)
 
 
 def parse_metrics(result: dict) -> Metrics:
