@@ -1,4 +1,4 @@
-"""The trainer as users run it: real DeepSpeed (ZeRO-2, bf16) on 2 CPU ranks, launched by `deepspeed`, `torchrun`
+"""The trainer as users run it: real DeepSpeed (ZeRO-2; bf16, or fp32 where the CPU emulates bf16) on 2 CPU ranks, launched by `deepspeed`, `torchrun`
 or plain python, with real faults (kill -9 during a save, SIGTERM, a stuck rank, NaN weights).
 
 One straight 16-step run is the reference; every interrupted or re-partitioned run is compared to it step by
@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import free_port
 from train_support import (
-    BIN, CPT, GLOBAL_BATCH, HALF, HOOK_SCRIPT, RECIPE, SEQ, STEPS, Job, close, deepspeed, overrides, python, read_log,
-    run_ok, same,
+    BIN, CPT, GLOBAL_BATCH, HALF, HOOK_SCRIPT, PRECISION, RECIPE, SEQ, STEPS, Job,
+    check_export_reproduces_the_master_weights, close, deepspeed, overrides, python, read_log, run_ok, same,
 )
 from shortened.config import ConfigError, RunConfig, load_config
 from shortened.data.loader import SequenceDataset, collate
@@ -28,9 +28,8 @@ from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
-from shortened.train.cli import export_main
 from shortened.train.engine import load_model, lr_factor
-from shortened.train.export import export_hf, master_weights
+from shortened.train.export import export_hf
 from shortened.train.loop import model_inputs
 from shortened.train.plan import decide_plan
 
@@ -170,7 +169,8 @@ def test_kill9_during_a_save_resumes_from_the_previous_complete_checkpoint(ref_r
     assert kill_run["rc"] != 0, kill_run["output"][-3000:]
     assert kill_run["seconds"] < 30, "a dead rank must end the job within train.dist_timeout_s"
     left = kill_run["left"]
-    assert "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in left  # the save was under way...
+    prefix = "bf16_" if PRECISION == "bf16" else ""
+    assert f"deepspeed/{prefix}zero_pp_rank_1_mp_rank_00_optim_states.pt" in left  # the save was under way...
     assert "training_state.json" in left and "complete.json" not in left  # ...and never counted
     output = term_run["output"]
     assert "resume=auto ignores" in output and "step_00000012: no complete.json" in output
@@ -335,35 +335,9 @@ def test_a_checkpoint_that_differs_from_the_config_fails_fast_naming_the_differe
 def test_exported_hf_model_reproduces_the_training_weights_logits(ref_run, work, tiny_init_model, train_shards_64,
                                                                   tokenizer_model):
     final = ckpt.checkpoints_root(ref_run) / ckpt.tag_for(STEPS)
-    out = work / "exported"
-    assert export_main(["--checkpoint", str(final), "--out", str(out)]) == 0
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
-    assert next(exported.parameters()).dtype == torch.bfloat16
-    assert (out / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
-    # An independent source of the training weights: the fp32 master copy in the two ranks' ZeRO shards,
-    # rounded to bf16 as the optimizer does after every step.
-    masters = master_weights(final)
-    trained = AutoModelForCausalLM.from_pretrained(tiny_init_model, dtype=torch.bfloat16).eval()
-    untrained_head = trained.lm_head.weight.clone()
-    trained.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in masters.items()})
-    assert not torch.equal(trained.lm_head.weight, untrained_head)  # training moved the weights
-    shards = PackedShards(train_shards_64)
-    ids = torch.stack([torch.from_numpy(shards[i]) for i in (0, 17, 4242)])
-    with torch.no_grad():
-        logits = trained(input_ids=ids).logits
-        assert torch.equal(exported(input_ids=ids).logits, logits)
-        copy = AutoModelForCausalLM.from_pretrained(final / "model", dtype="auto").eval()
-        assert torch.equal(copy(input_ids=ids).logits, logits)  # the trainer's own model/ copy agrees
-    fp32 = AutoModelForCausalLM.from_pretrained(export_fp32(final, work), dtype="auto")
-    assert all(torch.equal(p, masters[name]) for name, p in fp32.state_dict().items())
+    check_export_reproduces_the_master_weights(final, work, tiny_init_model, train_shards_64, tokenizer_model)
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         export_hf(ckpt.checkpoints_root(ref_run), work / "nothing")
-
-
-def export_fp32(checkpoint: Path, work: Path) -> Path:
-    out = work / "exported_fp32"
-    assert export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--dtype", "fp32"]) == 0
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- NaN, stuck rank

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 
 from conftest import free_port, subprocess_env
+from shortened.train.engine import cpu_has_bf16_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
@@ -20,6 +21,10 @@ HOOK_SCRIPT = ROOT / "tests" / "train_hook_script.py"
 BIN = Path(sys.executable).parent
 STEPS, HALF, GLOBAL_BATCH, SEQ = 16, 8, 4, 64
 JOB_TIMEOUT = 240
+# The recipes train in bf16, but a CPU without AVX-512 emulates it ~5.8x slower (BENCHMARKS.md). There the
+# precision-agnostic trainer tests (faults, signals, world-size change, hooks) train in fp32, and
+# test_train_bf16.py keeps one bf16 resume-parity test and one bf16 export test.
+PRECISION = "bf16" if cpu_has_bf16_kernels() else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------- running jobs
@@ -28,6 +33,7 @@ JOB_TIMEOUT = 240
 def overrides(run_dir: Path, shards: Path, model: Path, *extra: str) -> list[str]:
     """The tiny-cpu recipe shrunk further: 2-layer model, 4 x 64-token sequences per step, 16 steps."""
     return [f"model.init_from={model}", f"data.path={shards}", f"data.seq_len={SEQ}", "data.num_workers=0",
+            f"train.precision={PRECISION}",
             f"train.global_batch_size={GLOBAL_BATCH}", "train.micro_batch_size=1",
             f"train.max_tokens={STEPS * GLOBAL_BATCH * SEQ}", "train.dist_timeout_s=60", "optim.lr=3e-3",
             "optim.warmup_steps=2", "checkpoint.every_steps=4", "log.tensorboard=false", "log.sample_ids=true",
@@ -112,3 +118,40 @@ def same(a: dict, b: dict, keys=("step", "tokens", "loss", "lr", "grad_norm", "s
 
 def close(a: dict, b: dict, rel: float) -> bool:
     return a["sample_ids"] == b["sample_ids"] and abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"])
+
+
+def check_export_reproduces_the_master_weights(checkpoint: Path, work: Path, init_model: Path, shards_dir: Path,
+                                               tokenizer_model: Path) -> None:
+    """`launch/export_hf.py` in the training precision gives the logits of the fp32 master weights (an independent
+    source: the ranks' ZeRO shards) rounded to that precision, as the optimizer does after every step; `--dtype fp32`
+    gives the masters themselves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shortened.data.shards import PackedShards
+    from shortened.train.cli import export_main
+    from shortened.train.export import master_weights
+
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    dtype = torch.bfloat16 if state["precision"] == "bf16" else torch.float32
+    out = work / f"exported_{checkpoint.name}"
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    assert next(exported.parameters()).dtype == dtype
+    assert (out / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+    masters = master_weights(checkpoint)
+    trained = AutoModelForCausalLM.from_pretrained(init_model, dtype=dtype).eval()
+    untrained_head = trained.lm_head.weight.clone()
+    trained.load_state_dict({name: tensor.to(dtype) for name, tensor in masters.items()})
+    assert not torch.equal(trained.lm_head.weight, untrained_head)  # training moved the weights
+    shards = PackedShards(shards_dir)
+    ids = torch.stack([torch.from_numpy(shards[i]) for i in (0, 17, 4242)])
+    with torch.no_grad():
+        logits = trained(input_ids=ids).logits
+        assert torch.equal(exported(input_ids=ids).logits, logits)
+        copy = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype="auto").eval()
+        assert torch.equal(copy(input_ids=ids).logits, logits)  # the trainer's own model/ copy agrees
+    fp32_out = work / f"exported_fp32_{checkpoint.name}"
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(fp32_out), "--dtype", "fp32"]) == 0
+    fp32 = AutoModelForCausalLM.from_pretrained(fp32_out, dtype="auto")
+    assert all(torch.equal(p, masters[name]) for name, p in fp32.state_dict().items())

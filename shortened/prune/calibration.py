@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from shortened.data.shards import MANIFEST_NAME, open_shards
+from shortened.data.shards import MANIFEST_NAME, open_shards, read_manifest
 from shortened.prune.errors import PruneInputError
 from shortened.tokenizer import Tokenizer
 
@@ -68,13 +68,14 @@ def calibration_windows(
 
 def shard_windows(path: str | Path, tokenizer_sha256: str, num_samples: int, length: int, seed: int) -> torch.Tensor:
     """Windows from `num_samples` distinct packed sequences of a shard directory, chosen by `seed`."""
-    shards = open_shards(path)
     manifest = Path(path) / MANIFEST_NAME
-    if shards.tokenizer_sha256 != tokenizer_sha256:
+    data_sha256 = read_manifest(path)["tokenizer_sha256"]  # before the shard checks: the likelier mistake
+    if data_sha256 != tokenizer_sha256:
         raise CalibrationError(
-            f"{manifest}: shards were tokenized with tokenizer sha256 {shards.tokenizer_sha256[:12]}..., the model's "
+            f"{manifest}: shards were tokenized with tokenizer sha256 {data_sha256[:12]}..., the model's "
             f"is {tokenizer_sha256[:12]}...; prepare shards with the model's tokenizer or pass --tokenizer"
         )
+    shards = open_shards(path)
     if length > shards.seq_len:
         raise CalibrationError(f"{manifest}: sequences hold {shards.seq_len} tokens, --calib-len {length} is longer")
     if num_samples > len(shards):
