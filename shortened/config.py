@@ -325,7 +325,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<dict>", pre
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
         if key not in known:
             raise ConfigError(
@@ -375,7 +375,7 @@ def _as_number(value: Any) -> float | int | None:
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value if value is not None else {}, source=source, prefix=f"{key}.")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 LLAMA_VOCAB_SIZE = 32_000  # the LLaMA / Vicuna SentencePiece vocabulary
 
@@ -72,7 +72,7 @@ def block_param_count(config: LlamaConfig) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     h = config.hidden_size
     q_out = config.num_attention_heads * head_dim
-    kv_out = config.num_key_value_heads * head_dim
+    kv_out = (config.num_key_value_heads or config.num_attention_heads) * head_dim
     attention = h * q_out + 2 * h * kv_out + q_out * h
     if getattr(config, "attention_bias", False):
         attention += q_out + 2 * kv_out + h
@@ -103,7 +103,7 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     return 6 * matmul_params + attention
 
 
-def save_with_tokenizer(model: torch.nn.Module, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
+def save_with_tokenizer(model: PreTrainedModel, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
     """`save_pretrained` (safetensors) plus the SentencePiece `tokenizer.model` beside it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

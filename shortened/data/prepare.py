@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
+from multiprocessing.pool import AsyncResult, Pool
 import os
 import shutil
 import socket
@@ -385,6 +386,7 @@ class _Packer:
         return self.writer
 
     def _close_shard(self) -> None:
+        assert self.writer is not None, "no shard is open"
         header = self.writer.close()
         name = self.writer.path.name
         self.writer = None
@@ -419,7 +421,7 @@ class _UnitResults:
         sources = frozenset(config.sources) if config.sources else None
         self.tasks = [UnitTask(files[u.file_index], u, str(work / f"unit_{u.index:07d}.npz"), sources, config.strict)
                       for u in units]
-        self.pool = None
+        self.pool: Pool | None = None
 
     def __enter__(self) -> "_UnitResults":
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -427,12 +429,14 @@ class _UnitResults:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
     def __iter__(self) -> Iterator[tuple[WorkUnit, UnitResult]]:
+        assert self.pool is not None, "used outside its `with` block"
         window = 4 * self.config.workers
-        pending: dict[int, object] = {}
+        pending: dict[int, AsyncResult] = {}
         next_submit = self.first
         for index in range(self.first, len(self.units)):
             while next_submit < len(self.units) and next_submit < index + window:

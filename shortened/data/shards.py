@@ -97,7 +97,7 @@ class ShardWriter:
         if len(tokens) % self.seq_len:
             raise ValueError(f"{len(tokens)} tokens is not a whole number of {self.seq_len}-token sequences")
         rows = np.ascontiguousarray(tokens, dtype=self.dtype).reshape(-1, self.seq_len)
-        self._crcs.extend(zlib.crc32(row) for row in rows)
+        self._crcs.extend(zlib.crc32(row.tobytes()) for row in rows)
         self._file.write(rows.tobytes())
         self._doc_starts.append(np.asarray(doc_starts, dtype="<i8") + self.num_tokens)
         self.num_tokens += len(tokens)
@@ -204,7 +204,7 @@ class Shard:
         if not h.num_docs:
             return np.zeros(0, "<i8")
         starts = np.memmap(self.path, dtype="<i8", mode="r", offset=h.doc_starts_offset, shape=(h.num_docs,))
-        if zlib.crc32(starts) != h.doc_starts_crc32:  # once per shard and process: ~1 ms for 100k documents
+        if zlib.crc32(starts.tobytes()) != h.doc_starts_crc32:  # once per shard and process: ~1 ms for 100k documents
             raise ShardFormatError(f"{self.path}: the document starts fail their CRC32 check: the file is damaged",
                                    rebuild_hint(self.path.parent))
         return starts
@@ -329,10 +329,11 @@ class PackedShards:
             self._shards = [None] * len(self._files)
             self._pid = os.getpid()
         i = int(np.searchsorted(self._ends, index, side="right"))
-        if self._shards[i] is None:
-            self._shards[i] = Shard(self._files[i])
+        shard = self._shards[i]
+        if shard is None:
+            shard = self._shards[i] = Shard(self._files[i])
         start = int(self._ends[i - 1]) if i else 0
-        return self._shards[i], index - start
+        return shard, index - start
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

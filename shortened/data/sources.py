@@ -182,8 +182,8 @@ def read_unit(f: InputFile, unit: WorkUnit, log: UnitReadLog, sources: frozenset
 
     if f.dataset is not None:
         for line_no, (doc, reason) in _dataset_records(f):
-            if reason is not None:
-                if reject(line_no, reason):
+            if doc is None:
+                if reject(line_no, reason or "unreadable record"):
                     return
             elif keep(doc):
                 docs += 1
@@ -211,8 +211,8 @@ def read_unit(f: InputFile, unit: WorkUnit, log: UnitReadLog, sources: frozenset
                 if unit.end is not None and offset >= unit.end:
                     return
                 doc, reason = _parse(line)
-                if reason is not None:
-                    if reject(line_no, reason):
+                if doc is None:
+                    if reject(line_no, reason or "unreadable line"):
                         return
                 elif keep(doc):
                     docs += 1
@@ -305,6 +305,7 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[tuple[int, int, bytes]]:
 
 
 def _dataset_records(f: InputFile) -> Iterator[tuple[int, tuple[Document | None, str | None]]]:
+    assert f.dataset is not None, "a local file has no dataset to load"
     records = f.dataset.load().shard(num_shards=f.num_shards, index=f.shard)
     line_no = 0
     try:

@@ -84,6 +84,14 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """The step of a `step_NNNNNNNN` directory."""
+    match = _TAG.match(path.name)
+    if match is None:
+        raise ValueError(f"{path}: not a step_NNNNNNNN directory")
+    return int(match.group(1))
+
+
 def architecture(hf_config: dict[str, Any]) -> dict[str, Any]:
     return {key: hf_config[key] for key in ARCHITECTURE_KEYS if key in hf_config}
 
@@ -167,7 +175,8 @@ def damage(checkpoint: Checkpoint) -> str | None:
 
 def scan(root: Path) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
     """Complete checkpoints (oldest first) and incomplete step directories with the reason."""
-    complete, incomplete = [], []
+    complete: list[Checkpoint] = []
+    incomplete: list[tuple[Path, str]] = []
     if not root.is_dir():
         return complete, incomplete
     for path in sorted(root.iterdir()):
@@ -206,12 +215,12 @@ def resolve_resume(resume: str, run_dir: Path) -> Checkpoint | None:
     if not path.is_dir():
         raise CheckpointError(f"resume={resume}: no such checkpoint directory (nothing to resume; "
                               "use resume=auto or resume=never to start a new run)")
-    problem = marker_problem(path)
-    if problem is not None:
+    incomplete_because = marker_problem(path)
+    if incomplete_because is not None:
         inside, _ = scan(path if path.name == CHECKPOINTS_DIR else path / CHECKPOINTS_DIR)
         hint = f"; did you mean {inside[-1].path}?" if inside else ""
-        raise CheckpointError(f"resume={resume}: not a complete checkpoint ({problem}){hint}")
-    chosen = Checkpoint(path.resolve(), int(_TAG.match(path.name).group(1)))
+        raise CheckpointError(f"resume={resume}: not a complete checkpoint ({incomplete_because}){hint}")
+    chosen = Checkpoint(path.resolve(), step_of(path))
     problem = damage(chosen)
     if problem is not None:
         raise CheckpointError(f"resume={resume}: the checkpoint is damaged: {problem}. Resume from another "
@@ -386,7 +395,7 @@ def apply_retention(root: Path, keep_last: int) -> list[Path]:
     removed = [c.path for c in complete[:-keep_last]]
     if complete:
         oldest_kept = complete[-keep_last:][0].step
-        removed += [path for path, _ in incomplete if int(_TAG.match(path.name).group(1)) < oldest_kept]
+        removed += [path for path, _ in incomplete if step_of(path) < oldest_kept]
     for path in removed:
         discard(path)
     for leftover in root.glob(".trash-*"):  # a deletion interrupted by a crash

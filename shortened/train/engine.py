@@ -63,7 +63,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
     Group 0 decays and group 1 does not: `apply_optim_settings` relies on that order.
     """
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)

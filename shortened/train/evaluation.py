@@ -8,9 +8,13 @@ complete checkpoints from another process, GPU or node and costs the training jo
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from shortened.config import ConfigError, RunConfig
 from shortened.train.hooks import StepContext
+
+if TYPE_CHECKING:  # the evaluation stack (lm-eval, datasets) is imported only when inline evaluation is on
+    from shortened.eval.hook import InlineEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +25,7 @@ class InlineEvaluation:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.evaluator = None
+        self.evaluator: InlineEvaluator | None = None
 
     def before_training(self, ctx: StepContext) -> None:
         from shortened.eval.hook import InlineEvaluator
@@ -35,7 +39,7 @@ class InlineEvaluation:
             self.evaluator(ctx.model, ctx.step, ctx.tokens)
 
     def after_step(self, ctx: StepContext) -> None:
-        if self.evaluator.due(ctx.step, ctx.tokens, ctx.step_tokens):
+        if self.evaluator is not None and self.evaluator.due(ctx.step, ctx.tokens, ctx.step_tokens):
             self.evaluator(ctx.model, ctx.step, ctx.tokens)
 
 

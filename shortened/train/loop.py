@@ -69,7 +69,7 @@ def train(config: RunConfig, hooks: Sequence[object] = ()) -> TrainResult:
         engine = _build(config, env, plan)
         apply_timeout_to_all_groups(config.train.dist_timeout_s)
         if plan.checkpoint is not None:
-            _resume(engine, config, env, plan)
+            _resume(engine, config, env, plan, plan.checkpoint)
         return _loop(engine, config, env, plan, hooks, stop)
     finally:
         shutdown()
@@ -87,8 +87,8 @@ def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
     return build_engine(model, ds_config, config.optim, plan.budget.total_steps)
 
 
-def _resume(engine, config: RunConfig, env: DistEnv, plan: RunPlan) -> None:
-    load_dir, tag = ckpt.engine_load_location(plan.checkpoint, plan.universal)
+def _resume(engine, config: RunConfig, env: DistEnv, plan: RunPlan, checkpoint: ckpt.Checkpoint) -> None:
+    load_dir, tag = ckpt.engine_load_location(checkpoint, plan.universal)
     try:
         loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
@@ -101,11 +101,11 @@ def _resume(engine, config: RunConfig, env: DistEnv, plan: RunPlan) -> None:
     applied = apply_optim_settings(engine, config.optim, config.train.grad_clip)  # the config decides, not the file
     if env.is_main:
         log.info("optimizer after resume: %s", json.dumps(applied))
-    rng_file = plan.checkpoint.path / "rng" / f"rank_{env.rank:05d}.pt"
+    rng_file = checkpoint.path / "rng" / f"rank_{env.rank:05d}.pt"
     if rng_file.is_file():
         restore_rng_state(load_rng_state(rng_file))
     else:  # a rank the saving run did not have (more ranks now): a fresh, distinct, reproducible stream
-        log.warning("%s: no RNG state for rank %d; seeding it from train.seed, rank and step", plan.checkpoint.path,
+        log.warning("%s: no RNG state for rank %d; seeding it from train.seed, rank and step", checkpoint.path,
                     env.rank)
         seed_everything(config.train.seed + env.rank + 1_000_003 * plan.start_step)
 
@@ -190,7 +190,7 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
 
 def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
     """This rank's micro-batches from `plan.consumed_samples` on: shards in the global order, or the raw stream."""
-    layout = dict(global_batch_size=config.train.global_batch_size, micro_batch_size=config.train.micro_batch_size,
+    layout: dict[str, Any] = dict(global_batch_size=config.train.global_batch_size, micro_batch_size=config.train.micro_batch_size,
                   dp_rank=env.rank, dp_world_size=env.world_size, consumed_samples=plan.consumed_samples,
                   num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda",
                   document_mask=config.data.document_mask, worker_init_fn=ignore_stop_signals)

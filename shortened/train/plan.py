@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -85,7 +86,7 @@ def on_rank0(env: DistEnv, decide: Callable[[], Any]) -> Any:
         except Exception as err:  # any failure must reach the other ranks, not strand them in the broadcast
             error = err
     failure = None if error is None else (type(error).__name__, str(error))
-    outcome, rank0_failure = broadcast_object((result, failure))
+    outcome, rank0_failure = typing.cast(tuple[Any, tuple[str, str] | None], broadcast_object((result, failure)))
     if error is not None:
         raise error
     if rank0_failure is not None:
