@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast lint demo clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,17 @@ $(VENV)/.installed: setup.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything but the multi-process jobs (2-rank DeepSpeed runs, launchers, the demo, LoRA runs).
+SLOW_TESTS := test_train_dist test_train_bf16 test_train_faults test_multinode test_preemption test_demo \
+	test_eval_dist test_lora test_docs_commands
+test-fast: setup
+	$(PY) -m pytest $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)
+
+# ruff: pyflakes, pycodestyle errors, import order (ruff.toml); mypy: the package's types (mypy.ini).
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy shortened
 
 demo: setup
 	$(PY) launch/demo.py

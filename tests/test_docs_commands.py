@@ -35,11 +35,13 @@ ALL = [(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd in comm
 
 
 @lru_cache(maxsize=None)
-def help_text(script: str) -> str:
+def accepted_flags(script: str) -> frozenset[str]:
+    """The option strings of `script --help` (argparse lists each in its usage and options), matched exactly:
+    `--calib` is not accepted because `--calib-len` is."""
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{script} --help failed:\n{result.stderr[-2000:]}"
-    return result.stdout
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", result.stdout))
 
 
 def words(cmd: str) -> list[str]:
@@ -59,11 +61,11 @@ def python_script(tokens: list[str]) -> tuple[str, list[str]] | None:
 def check_flags(script: str, args: list[str]) -> None:
     if script.endswith(".sh") or script.endswith(".sbatch"):
         return
-    text = help_text(script)
+    flags = accepted_flags(script)
     for arg in args:
         flag = arg.split("=")[0]
-        if flag.startswith("--") and flag not in text:
-            raise AssertionError(f"{script} does not accept {flag}")
+        if flag.startswith("--") and flag not in flags:
+            raise AssertionError(f"{script} does not accept {flag} (it accepts {', '.join(sorted(flags))})")
 
 
 def check_training_overrides(args: list[str]) -> None:
@@ -86,8 +88,13 @@ def test_documented_command_is_current(doc, cmd):
         assert all(t in targets for t in tokens[1:] if "=" not in t), cmd
         return
     if program == "docker":
-        assert (ROOT / "docker" / "Dockerfile").is_file()
+        check_docker(doc, tokens)
         return
+    check_command(doc, cmd, tokens)
+
+
+def check_command(doc: str, cmd: str, tokens: list[str]) -> None:
+    program = Path(tokens[0]).name if tokens else ""
     found = python_script(tokens)
     if found is None:
         assert program not in LAUNCHERS and "python" not in program, f"{doc}: cannot find the script in {cmd!r}"
@@ -97,6 +104,60 @@ def test_documented_command_is_current(doc, cmd):
     if script in ("launch/cpt.py", "launch/slurm/cpt.sbatch"):
         check_training_overrides(args)
     check_flags(script, args)
+
+
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+IMAGE = "shortened"
+# `docker run` options that take a value (the image is the first word after the options)
+DOCKER_VALUE_OPTIONS = {"-v", "--volume", "-e", "--env", "--gpus", "--ulimit", "--shm-size", "--entrypoint", "--name",
+                        "-w", "--workdir", "--network", "--ipc", "-p", "--mount", "--user", "-u"}
+
+
+def check_docker(doc: str, tokens: list[str]) -> None:
+    """`docker build` names the Dockerfile and its build args; `docker run` runs the image built there, and the
+    command inside it (after the image's entry point, or `--entrypoint`) is checked like any other."""
+    text = DOCKERFILE.read_text()
+    if tokens[1] == "build":
+        assert (ROOT / tokens[tokens.index("-f") + 1]).resolve() == DOCKERFILE, f"{doc}: {tokens}"
+        assert tokens[tokens.index("-t") + 1].split(":")[0] == IMAGE, f"{doc}: the image is tagged {IMAGE}"
+        for i, token in enumerate(tokens):
+            if token == "--build-arg":
+                name = tokens[i + 1].split("=")[0]
+                assert re.search(rf"^ARG {name}\b", text, flags=re.M), f"{doc}: the Dockerfile has no ARG {name}"
+        return
+    assert tokens[1] == "run", f"{doc}: docker {tokens[1]} is not checked"
+    i, entrypoint = 2, json_entrypoint(text)
+    while tokens[i].startswith("-"):
+        option = tokens[i].split("=")[0]
+        if option == "--entrypoint":
+            entrypoint = [tokens[i + 1]]
+        i += 2 if option in DOCKER_VALUE_OPTIONS and "=" not in tokens[i] else 1
+    assert tokens[i].split(":")[0] == IMAGE, f"{doc}: docker run of {tokens[i]}, not the {IMAGE} image"
+    inner = [*entrypoint, *tokens[i + 1:]]
+    check_command(doc, " ".join(inner), inner)
+
+
+def json_entrypoint(dockerfile: str) -> list[str]:
+    import json
+
+    found = re.search(r"^ENTRYPOINT (\[.*\])", dockerfile, flags=re.M)
+    assert found, "the Dockerfile has no exec-form ENTRYPOINT"
+    return json.loads(found.group(1))
+
+
+def test_docker_commands_are_checked_for_real():
+    with pytest.raises(AssertionError, match="does not accept --no-such-flag"):
+        check_docker("x", words("docker run --rm shortened:latest --num_gpus 8 launch/cpt.py --config "
+                                "configs/cpt/tiny-cpu.yaml --no-such-flag"))
+    with pytest.raises(AssertionError, match="no ARG NOPE"):
+        check_docker("x", words("docker build --build-arg NOPE=1 -f docker/Dockerfile -t shortened ."))
+    with pytest.raises(AssertionError, match="does not exist"):
+        check_docker("x", words("docker run --entrypoint python shortened launch/nothing.py"))
+
+
+def test_flags_are_matched_exactly_not_as_prefixes():
+    with pytest.raises(AssertionError, match="does not accept --calib-sam "):  # a prefix of --calib-samples
+        check_flags("launch/prune.py", ["--calib-sam", "4"])
 
 
 def test_every_document_has_commands_checked():

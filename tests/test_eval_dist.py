@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import yaml
 from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, free_port, subprocess_env
@@ -46,7 +45,6 @@ def test_two_ranks_match_one_and_survive_a_rank_local_failure(tmp_path, slimpaja
     port = str(free_port())
     code = (f"from eval_support import dist_worker; "
             f"dist_worker({str(tmp_path)!r}, {json.dumps(settings)!r}, {str(shards)!r})")
-    start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "tests", stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=subprocess_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -58,7 +56,6 @@ def test_two_ranks_match_one_and_survive_a_rank_local_failure(tmp_path, slimpaja
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], logs[1][-3000:] + logs[0][-3000:]
-    elapsed = time.monotonic() - start
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
@@ -68,7 +65,8 @@ def test_two_ranks_match_one_and_survive_a_rank_local_failure(tmp_path, slimpaja
     bad = sharded[("arc_bad", "acc")]
     assert bad["status"] == "failed" and bad["error"].startswith("rank 1: Traceback") and "ValueError" in bad["error"]
     assert "rank 0 gave up waiting for the other ranks" in bad["error"]
-    assert elapsed < 200 and bad["seconds"] >= TIMEOUT_S * 0.9  # rank 0 gave up waiting after the timeout
+    # rank 0 gave up after the collective timeout, not before, and not much later
+    assert TIMEOUT_S * 0.9 <= bad["seconds"] < 4 * TIMEOUT_S
 
     single = EvalSuite(EvalConfig(**settings), TOKENIZER_MODEL, validation_path=shards).run(
         build_tiny_llama(seed=11, num_layers=2))
