@@ -10,10 +10,6 @@ from collections import deque
 import numpy as np
 
 
-def frame_document(ids: list[int], bos_id: int, eos_id: int) -> list[int]:
-    return [bos_id, *ids, eos_id]
-
-
 def doc_starts_from_lengths(doc_lens: np.ndarray) -> np.ndarray:
     """Offsets at which each document begins in the concatenation of documents of these lengths."""
     starts = np.zeros(len(doc_lens), dtype=np.int64)

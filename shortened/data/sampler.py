@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _ROUNDS = 6
 
 
