@@ -29,7 +29,8 @@ def test_dockerfile_installs_setup_py_and_agrees_with_its_pins():
     assert "COPY setup.py" in text
     for name, version in re.findall(r"\b([A-Za-z][A-Za-z0-9_.-]*)==([0-9][^\s'\"]*)", text):
         assert requirements.get(name.lower()) == f"=={version}", f"Dockerfile pins {name}=={version}"
-    assert 'ENTRYPOINT ["deepspeed"]' in text
+    # the supervisor is PID 1, so `docker stop` reaches the ranks and waits for their checkpoint
+    assert 'ENTRYPOINT ["python", "launch/supervise.py", "--", "deepspeed"]' in text
 
 
 def test_base_image_torch_satisfies_the_setup_py_range():

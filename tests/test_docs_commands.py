@@ -101,6 +101,11 @@ def check_command(doc: str, cmd: str, tokens: list[str]) -> None:
         return  # shell plumbing (mv, cd, ...)
     script, args = found
     assert (ROOT / script).is_file(), f"{doc}: {script} does not exist"
+    if script == "launch/supervise.py":  # its own flags, then the launcher command it supervises
+        assert "--" in args, f"{doc}: supervise.py takes the launcher command after --"
+        check_flags(script, args[:args.index("--")])
+        check_command(doc, cmd, args[args.index("--") + 1:])
+        return
     if script in ("launch/cpt.py", "launch/slurm/cpt.sbatch"):
         check_training_overrides(args)
     check_flags(script, args)
