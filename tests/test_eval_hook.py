@@ -1,7 +1,8 @@
 """The inline hook in a training loop: the loss trace is bit-identical with and without it, failures never stop it.
 
-A plain torch loop stands in for the DeepSpeed trainer (issue 5), with everything that makes the trace depend on
-global RNGs: attention dropout (torch), batch sampling (numpy) and window offsets (python).
+A plain torch loop stands in for the DeepSpeed trainer (tests/test_train_dist.py runs the real one), with everything
+that makes the trace depend on global RNGs: attention dropout (torch), batch sampling (numpy) and window offsets
+(python).
 """
 from __future__ import annotations
 

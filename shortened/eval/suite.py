@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +18,9 @@ from shortened.config import EvalConfig
 from shortened.eval.dist import EvalGroups, PeerFailure
 from shortened.eval.perplexity import PerplexityResult, task_windows
 from shortened.eval.results import ZERO_SHOT_MEAN, failed_row, ok_row
-from shortened.eval.rng import preserved_rng
 from shortened.eval.scoring import nll_sum
 from shortened.eval.tasks import LmEvalTask, PerplexityTask, TaskSpec, load_task_table, select_tasks
+from shortened.rng import preserved_rng_and_mode
 from shortened.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,9 +50,13 @@ class EvalSuite:
         return self.groups.rank if self.groups else 0
 
     def run(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        """Task rows (unstamped). RNG states and the model's train/eval mode are as before, even on error."""
+        """Task rows (unstamped). RNG states and the model's train/eval mode are as before, even on error.
+
+        The guard lives here, not in the callers, because the suite runs standalone too (evaluate.py, the
+        watcher, the tests) as well as inside the trainer's hooks (which add their own: `shortened.rng`).
+        """
         rows: list[dict[str, Any]] = []
-        with preserved_rng(), _eval_mode(model):
+        with preserved_rng_and_mode(model, eval_mode=True):
             try:
                 for spec in self.specs:
                     rows += self._run_task(model, spec)
@@ -172,18 +175,6 @@ class EvalSuite:
             return [failed_row(ZERO_SHOT_MEAN, "mean", f"no result for {', '.join(missing)}", seconds)]
         mean = float(np.mean([values[s.name] for s in members]))
         return [ok_row(ZERO_SHOT_MEAN, "mean", mean, primary=True, samples=len(members), seconds=seconds)]
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """eval() for scoring (no dropout); the caller's mode back afterwards, module by module."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _sentencepiece_file(path: str | Path) -> Path:
