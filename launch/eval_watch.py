@@ -12,8 +12,13 @@ import logging
 import os
 import sys
 
-from shortened.eval import cli
-from shortened.eval.watch import clean_launcher_env, load_watch_config, watch
+from shortened import cli
+from shortened.config import ConfigError
+from shortened.eval.mirror import MirrorError
+from shortened.eval.suite import ModelFileError
+from shortened.eval.watch import WatchError, clean_launcher_env, load_watch_config, watch
+
+BAD_INPUT = (ConfigError, MirrorError, ModelFileError, WatchError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli.run(main, BAD_INPUT))

@@ -9,9 +9,14 @@ import argparse
 import logging
 import sys
 
-from shortened.config import EvalConfig, load_config
-from shortened.eval import cli
+from shortened import cli
+from shortened.config import ConfigError, EvalConfig, load_config
+from shortened.eval.mirror import MirrorError
 from shortened.eval.single import evaluate_model
+from shortened.eval.suite import ModelFileError
+from shortened.eval.watch import WatchError
+
+BAD_INPUT = (ConfigError, MirrorError, ModelFileError, WatchError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli.run(main, BAD_INPUT))

@@ -10,37 +10,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shortened.config import LoraTrainConfig, from_dict
-from shortened.prune import cli
-from shortened.prune.lora import train_lora
+from shortened import cli
+from shortened.config import ConfigError, LoraTrainConfig, from_dict
+from shortened.prune.errors import PruneInputError
+from shortened.tokenizer import TokenizerNotFound
+
+BAD_INPUT = (ConfigError, PruneInputError, TokenizerNotFound)
 
 
-def parse_args(argv: list[str]) -> dict:
-    defaults = LoraTrainConfig.__dataclass_fields__
+def parse_args(argv: list[str]) -> LoraTrainConfig:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF model directory (the pruned model)")
-    parser.add_argument("--data", required=True, help="Alpaca-format .json list or .jsonl")
-    parser.add_argument("--out", required=True, help="run directory; re-running with it resumes")
-    for name, kind in (("r", int), ("alpha", int), ("dropout", float), ("epochs", int), ("lr", float),
-                       ("micro_batch_size", int), ("grad_accum", int), ("cutoff_len", int), ("warmup_steps", int),
-                       ("max_grad_norm", float), ("seed", int), ("save_every_steps", int), ("keep_last", int)):
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name].default)
-    parser.add_argument("--target-modules", nargs="+", default=None, help="module names that get LoRA adapters")
-    parser.add_argument("--train-on-inputs", action="store_true", help="also train on the prompt tokens")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--tokenizer", default="", help="tokenizer.model or directory if the model has none")
-    args = vars(parser.parse_args(argv))
-    if args["target_modules"] is None:
-        del args["target_modules"]
-    return args
+    cli.add_dataclass_arguments(parser, LoraTrainConfig)
+    args = parser.parse_args(argv)
+    return from_dict(LoraTrainConfig, cli.namespace_config_args(args, LoraTrainConfig), source="command line")
 
 
 def main(argv: list[str]) -> int:
-    config = from_dict(LoraTrainConfig, parse_args(argv), source="command line")
+    config = parse_args(argv)
+    from shortened.prune.lora import train_lora  # after parsing: --help and usage errors need no torch
+
     print(f"merged model: {train_lora(config)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(lambda: main(sys.argv[1:])))
+    sys.exit(cli.run(lambda: main(sys.argv[1:]), BAD_INPUT))

@@ -8,12 +8,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from shortened.eval.mirror import prepare
+from shortened import cli
+from shortened.config import ConfigError
+from shortened.eval.mirror import MirrorError, prepare
 from shortened.eval.tasks import load_task_table, select_tasks
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="where the mirror is written")
     parser.add_argument("--tasks", help="comma-separated task names (default: every task of the table)")
     parser.add_argument("--task-file", help="task table (default shortened/eval/tasks.yaml)")
@@ -27,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, (ConfigError, MirrorError)))

@@ -8,17 +8,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from shortened.modeling import build_tiny_llama, save_with_tokenizer  # noqa: E402
+from shortened import cli  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.model to save beside the weights")
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    from shortened.modeling import build_tiny_llama, save_with_tokenizer  # after parsing: --help needs no torch
+
     model = build_tiny_llama(seed=args.seed, num_layers=args.layers, hidden_size=args.hidden,
                              intermediate_size=args.hidden * 11 // 4)
     save_with_tokenizer(model, args.out, args.tokenizer)
@@ -27,4 +29,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, (OSError,)))  # a missing tokenizer file, an unwritable --out

@@ -1,8 +1,10 @@
-"""One typed configuration for a run: dataclasses per concern, loaded from YAML with `a.b=c` overrides.
+"""One typed configuration per tool: dataclasses per concern, loaded from YAML with `a.b=c` overrides.
 
-Every dataclass validates itself in `__post_init__`; the loader checks key names and value types first, so a
-typo or a wrong type is reported with the dotted key and the file (or the command-line override) it came from.
-DeepSpeed's JSON is derived from `RunConfig` by the trainer, never edited by hand to disagree with it.
+Each field carries its explanation in `metadata["help"]` (see `setting`), so `--help`, `--print-config` and the
+argparse flags of every command line are generated from this module and cannot drift from it. Every dataclass
+validates itself in `__post_init__`; the loader checks key names and value types first, so a typo or a wrong type
+is reported with the dotted key and the file (or the command-line override) it came from. DeepSpeed's JSON is
+derived from `RunConfig` by the trainer, never edited by hand to disagree with it.
 """
 from __future__ import annotations
 
@@ -13,15 +15,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence, TypeVar, Union
 
 import yaml
 
 T = TypeVar("T")
+ALIGN_COMMENTS_AT = 56  # --print-config: the column of the `# source` comments (longer values push theirs right)
+MIN_UNIT_BYTES = 4096  # data prep: each work unit costs a result file and a task; smaller units only add overhead
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names key and source."""
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+            **cli: Any) -> Any:
+    """A dataclass field with its explanation: `field(default=..., metadata={"help": ...})`.
+
+    `factory` is for mutable defaults (lists, sections). Extra keywords are command-line hints read by
+    `shortened.cli.add_dataclass_arguments`: `required=True` (the flag must be given), `sep=","` (a list written
+    as one comma-separated word), `one_of="name"` (flags of one mutually exclusive group).
+    """
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------- concerns
@@ -29,26 +47,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    init_from: str = ""  # Hugging Face Llama-family model directory (or hub id, resolved offline) to continue
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    init_from: str = setting("", "Hugging Face Llama-family model directory (or hub id, resolved offline) to "
+                                 "continue")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward: less memory, "
+                                                    "~1/3 more compute")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
+        "sdpa", "attention kernel of the Hugging Face model (flash_attention_2 needs flash-attn and a GPU)")
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # format=shards: directory of manifest.json + token shards; format=stream: raw input
-    # stream: data.path is a SlimPajama tree / .jsonl(.zst) file / hf://DATASET, tokenized on the fly with the
-    # model's tokenizer, in input order (no global shuffle), for quick runs on unprepared corpora.
-    format: Literal["shards", "stream"] = "shards"
-    split: str = ""  # format=stream: the split folder of data.path to read (e.g. train)
-    validation_path: str = ""  # held-out shards for validation loss (optional)
-    seq_len: int = 2048  # must equal the shards' sequence length
-    seed: int = 1234  # seed of the global sample permutation (shards)
-    num_workers: int = 2  # DataLoader worker processes per rank
-    # Attend only within each document of a packed sequence (position ids restart at every <s>). Off by default:
-    # the published CPT, like LLaMA's pretraining, lets packed documents attend to each other. With sdpa/eager it
-    # materializes a (seq_len x seq_len) mask per sequence; on GPUs use model.attn_implementation=flash_attention_2.
-    document_mask: bool = False
+    path: str = setting("", "format=shards: directory of manifest.json + token shards; format=stream: raw input")
+    format: Literal["shards", "stream"] = setting(
+        "shards", "stream: data.path is a SlimPajama tree / .jsonl(.zst) file / hf://DATASET, tokenized on the fly "
+                  "with the model's tokenizer, in input order (no global shuffle), for quick runs on unprepared "
+                  "corpora")
+    split: str = setting("", "format=stream: the split folder of data.path to read (e.g. train)")
+    validation_path: str = setting("", "held-out shards for validation loss (optional)")
+    seq_len: int = setting(2048, "must equal the shards' sequence length")
+    seed: int = setting(1234, "seed of the global sample permutation (shards)")
+    num_workers: int = setting(2, "DataLoader worker processes per rank")
+    document_mask: bool = setting(
+        False, "attend only within each document of a packed sequence (position ids restart at every <s>). Off by "
+               "default: the published CPT, like LLaMA's pretraining, lets packed documents attend to each other. "
+               "With sdpa/eager it materializes a (seq_len x seq_len) mask per sequence; on GPUs use "
+               "model.attn_implementation=flash_attention_2")
 
     def __post_init__(self) -> None:
         _require(self.seq_len > 0, "data.seq_len", "must be positive")
@@ -59,16 +82,19 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = 512  # sequences per optimizer step, over all ranks; the same on any world size
-    micro_batch_size: int = 2  # sequences per rank per forward/backward
-    max_tokens: int = 0  # token budget: the schedule's horizon and where the run stops (0: max_steps alone)
-    max_steps: int = 0  # stop after this many optimizer steps (0: at the token budget); never changes the schedule
-    seed: int = 1234  # model-side RNG (dropout, if any); the data order has its own data.seed
-    precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights/activations, fp32 master weights and gradients
-    grad_clip: float = 1.0  # global gradient-norm clipping (0 disables), the LLaMA pretraining default
-    nan_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips that step's update
-    max_consecutive_skips: int = 10  # with nan_policy=skip: this many non-finite steps in a row stop the run
-    dist_timeout_s: int = 600  # a lost or stuck rank ends the job after this long instead of hanging it
+    global_batch_size: int = setting(512, "sequences per optimizer step, over all ranks; the same on any world size")
+    micro_batch_size: int = setting(2, "sequences per rank per forward/backward")
+    max_tokens: int = setting(0, "token budget: the schedule's horizon and where the run stops (0: max_steps alone)")
+    max_steps: int = setting(0, "stop after this many optimizer steps (0: at the token budget); never changes the "
+                                "schedule")
+    seed: int = setting(1234, "model-side RNG (dropout, if any); the data order has its own data.seed")
+    precision: Literal["bf16", "fp32"] = setting("bf16", "bf16: bf16 weights/activations, fp32 master weights and "
+                                                         "gradients")
+    grad_clip: float = setting(1.0, "global gradient-norm clipping (0 disables), the LLaMA pretraining default")
+    nan_policy: Literal["stop", "skip"] = setting("stop", "a non-finite loss stops the run, or skips that step's "
+                                                          "update")
+    max_consecutive_skips: int = setting(10, "with nan_policy=skip: this many non-finite steps in a row stop the run")
+    dist_timeout_s: int = setting(600, "a lost or stuck rank ends the job after this long instead of hanging it")
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
@@ -98,13 +124,13 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # peak learning rate (AdamW)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # decoupled; not applied to norm weights and biases
-    schedule: Literal["constant", "cosine"] = "cosine"  # after the linear warmup
-    warmup_steps: int = 1000  # linear warmup from lr/warmup_steps: Adam's moment estimates start at zero
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr, reached at the token budget
+    lr: float = setting(1e-4, "peak learning rate (AdamW)")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's moment decay rates (beta1, beta2)")
+    eps: float = setting(1e-8, "AdamW's denominator epsilon")
+    weight_decay: float = setting(0.1, "decoupled; not applied to norm weights and biases")
+    schedule: Literal["constant", "cosine"] = setting("cosine", "the learning-rate schedule after the linear warmup")
+    warmup_steps: int = setting(1000, "linear warmup from lr/warmup_steps: Adam's moment estimates start at zero")
+    min_lr_ratio: float = setting(0.1, "cosine floor as a fraction of lr, reached at the token budget")
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "must be positive")
@@ -117,34 +143,41 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500  # also saved at the end and on SIGTERM / SIGUSR1
-    keep_last: int = 2  # complete checkpoints kept; an older one is deleted only after a newer one completes
-    save_hf: bool = True  # also write an HF model (model/) so evaluation needs no DeepSpeed
-    on_world_size_change: Literal["convert", "refuse"] = "convert"  # convert: to DeepSpeed's universal format
+    every_steps: int = setting(500, "optimizer steps between checkpoints; also saved at the end and on SIGTERM / "
+                                    "SIGUSR1")
+    keep_last: int = setting(2, "complete checkpoints kept; an older one is deleted only after a newer one "
+                                "completes")
+    save_hf: bool = setting(True, "also write an HF model (model/) so evaluation needs no DeepSpeed")
+    on_world_size_change: Literal["convert", "refuse"] = setting(
+        "convert", "resuming on another world size: convert to DeepSpeed's universal format, or refuse")
 
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, "checkpoint.every_steps", "must be positive")
-        _require(self.keep_last >= 2, "checkpoint.keep_last", "must be >= 2 so one complete checkpoint survives a failed save")
+        _require(self.keep_last >= 2, "checkpoint.keep_last",
+                 "must be >= 2 so one complete checkpoint survives a failed save")
+
+
+DEFAULT_EVAL_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
+                      "wikitext2", "ptb"]
 
 
 @dataclass
 class EvalConfig:
-    mode: Literal["off", "inline", "watch"] = "off"
-    every_tokens: int = 0
-    every_steps: int = 0
-    tasks: list[str] = field(
-        default_factory=lambda: [
-            "boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
-            "wikitext2", "ptb",
-        ]
-    )
-    data_dir: str = ""  # local mirror of the evaluation datasets
-    limit: int = 0  # rows per zero-shot task and windows per perplexity/validation set (0: all; smoke tests only)
-    batch_size: int = 8
-    task_file: str = ""  # task table: lm-eval YAML, reported metric, mirror files per task ("": the shipped one)
-    ppl_seq_len: int = 128  # perplexity window, the Shortened LLaMA / LLM-Pruner protocol
-    collective_timeout_s: int = 600  # a rank that fails inside a sharded task is given up on after this long
-    poll_s: float = 30.0  # how often the watcher looks for new complete checkpoints
+    mode: Literal["off", "inline", "watch"] = setting(
+        "off", "off | inline: the trainer evaluates its checkpoints | watch: launch/eval_watch.py does, elsewhere")
+    every_tokens: int = setting(0, "evaluate the first checkpoint of every interval of this many tokens")
+    every_steps: int = setting(0, "evaluate every checkpoint at a multiple of this many steps")
+    tasks: list[str] = setting(help="zero-shot tasks and perplexity sets of the task table",
+                               factory=lambda: list(DEFAULT_EVAL_TASKS))
+    data_dir: str = setting("", "local mirror of the evaluation datasets")
+    limit: int = setting(0, "rows per zero-shot task and windows per perplexity/validation set (0: all; smoke tests "
+                            "only)")
+    batch_size: int = setting(8, "sequences per evaluation forward pass")
+    task_file: str = setting("", "task table: lm-eval YAML, reported metric, mirror files per task (\"\": the "
+                                 "shipped one)")
+    ppl_seq_len: int = setting(128, "perplexity window, the Shortened LLaMA / LLM-Pruner protocol")
+    collective_timeout_s: int = setting(600, "a rank that fails inside a sharded task is given up on after this long")
+    poll_s: float = setting(30.0, "how often the watcher looks for new complete checkpoints")
 
     def __post_init__(self) -> None:
         if self.mode != "off":
@@ -162,11 +195,13 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 1  # console and TensorBoard interval; train_log.jsonl always has every step
-    tensorboard: bool = True
-    peak_tflops: float = 0.0  # per-device dense bf16 peak for MFU; 0: known GPUs are looked up, else no MFU
-    sample_ids: bool = False  # record each step's global sample indices in train_log.jsonl (audits the data order)
-    sync_timers: bool = False  # synchronise the device around phases so forward/backward/optimizer times are exact
+    every_steps: int = setting(1, "console and TensorBoard interval; train_log.jsonl always has every step")
+    tensorboard: bool = setting(True, "write TensorBoard events under RUN_DIR/tensorboard")
+    peak_tflops: float = setting(0.0, "per-device dense bf16 peak for MFU; 0: known GPUs are looked up, else no MFU")
+    sample_ids: bool = setting(False, "record each step's global sample indices in train_log.jsonl (audits the data "
+                                      "order)")
+    sync_timers: bool = setting(False, "synchronise the device around phases so forward/backward/optimizer times are "
+                                       "exact")
 
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, "log.every_steps", "must be positive")
@@ -175,55 +210,69 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/default"
-    resume: str = "auto"  # auto: newest complete checkpoint of run_dir, if any | never | a checkpoint directory
-    # DeepSpeed engine tuning (ZeRO stage, buckets, overlap); batch sizes, precision, clipping and the optimizer
-    # are derived from this config, and the file may not disagree with them
-    deepspeed_config: str = "ds_configs/zero2_bf16.json"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    run_dir: str = setting("runs/default", "where config.yaml, train_log.jsonl, checkpoints/ and results.jsonl go")
+    resume: str = setting("auto", "auto: newest complete checkpoint of run_dir, if any | never | a checkpoint "
+                                  "directory")
+    deepspeed_config: str = setting(
+        "ds_configs/zero2_bf16.json", "DeepSpeed engine tuning (ZeRO stage, buckets, overlap); batch sizes, "
+        "precision, clipping and the optimizer are derived from this config, and the file may not disagree with them")
+    model: ModelConfig = setting(help="the model to continue", factory=ModelConfig)
+    data: DataConfig = setting(help="training (and validation) data", factory=DataConfig)
+    train: TrainConfig = setting(help="batch, budget, precision, failure policy", factory=TrainConfig)
+    optim: OptimConfig = setting(help="AdamW and the learning-rate schedule", factory=OptimConfig)
+    checkpoint: CheckpointConfig = setting(help="when and how checkpoints are written", factory=CheckpointConfig)
+    eval: EvalConfig = setting(help="inline or watched evaluation", factory=EvalConfig)
+    log: LogConfig = setting(help="console, TensorBoard and train_log.jsonl", factory=LogConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir", "must be set")
         _require(bool(self.resume), "resume", "must be auto, never or a checkpoint path")
 
 
+DTYPES = Literal["auto", "bfloat16", "float16", "float32"]
+
+
 @dataclass
 class PruneConfig:
     """`launch/prune.py`: score blocks on calibration text, remove the least important, save an HF model."""
 
-    model: str = ""  # Hugging Face model directory (or a hub id already in the local cache)
-    out: str = ""  # directory for the pruned model and prune_report.json
-    criterion: Literal["ppl", "taylor", "magnitude", "bi", "angular"] = "ppl"
-    remove: int = 0  # exactly one of remove / ratio / keep_blocks is set
-    ratio: float = 0.0  # fraction of all parameters; see shortened/prune/budget.py for the block count
-    keep_blocks: int = 0
-    calib: str = ""  # .txt / .jsonl / .jsonl.zst file, a directory of them, or a token-shard directory
-    calib_field: str = "text"  # JSON field holding the text
-    calib_samples: int = 10  # the published protocol: 10 windows of 128 tokens
-    calib_len: int = 128
-    calib_batch_size: int = 10
-    seed: int = 1234
-    protect_first: int = 4  # the "+" heuristic: never remove the first 4 and last 2 blocks
-    protect_last: int = 2
-    iterative: bool = False  # remove one block, re-score, repeat (not for taylor)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    device: str = "auto"  # auto: cuda when available
-    tokenizer: str = ""  # tokenizer.model (or a directory) when the model directory has none
+    model: str = setting("", "Hugging Face model directory (or a hub id already in the local cache)", required=True)
+    out: str = setting("", "output directory for the pruned model and prune_report.json (new or empty)",
+                       required=True)
+    criterion: Literal["ppl", "taylor", "magnitude", "bi", "angular"] = setting(
+        "ppl", "block importance: calibration perplexity without the block, first-order Taylor, weight magnitude, "
+               "block influence (1 - cosine of input and output), angular distance")
+    # None, not 0, is "not given", so that `--remove 0` is reported as a wrong count rather than a missing one.
+    remove: int | None = setting(None, "number of blocks to remove (exactly one of remove / ratio / keep_blocks)",
+                                 one_of="size")
+    ratio: float | None = setting(None, "fraction of all parameters to remove; see shortened/prune/budget.py for the "
+                                        "block count", one_of="size")
+    keep_blocks: int | None = setting(None, "number of blocks to keep", one_of="size")
+    calib: str = setting("", ".txt / .jsonl / .jsonl.zst file, a directory of them, or a token-shard directory",
+                         required=True)
+    calib_field: str = setting("text", "JSON field holding the text (jsonl input)")
+    calib_samples: int = setting(10, "calibration windows; the published protocol: 10 windows of 128 tokens")
+    calib_len: int = setting(128, "tokens per calibration window")
+    calib_batch_size: int = setting(10, "calibration windows per forward pass")
+    seed: int = setting(1234, "seed of the calibration window choice")
+    protect_first: int = setting(4, "never remove the first N blocks (the \"+\" heuristic: the first 4 and last 2)")
+    protect_last: int = setting(2, "never remove the last N blocks")
+    iterative: bool = setting(False, "remove one block, re-score, repeat (not for taylor)")
+    dtype: DTYPES = setting("auto", "auto: bfloat16 on GPU, float32 on CPU")
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    tokenizer: str = setting("", "tokenizer.model (or a directory) when the model directory has none")
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "prune.model", "set the model directory (--model)")
         _require(bool(self.out), "prune.out", "set the output directory (--out)")
         _require(bool(self.calib), "prune.calib", "set the calibration text or shards (--calib)")
-        given = [v for v in (self.remove, self.ratio, self.keep_blocks) if v]
-        _require(len(given) == 1, "prune.remove", "give exactly one of --remove, --ratio, --keep-blocks")
-        _require(self.remove >= 0 and self.keep_blocks >= 0, "prune.remove", "block counts must be >= 0")
-        _require(0.0 <= self.ratio < 1.0, "prune.ratio", f"{self.ratio} is not a fraction in (0, 1)")
+        sizes = [v for v in (self.remove, self.ratio, self.keep_blocks) if v is not None]
+        _require(len(sizes) == 1, "prune.remove", "give exactly one of --remove, --ratio, --keep-blocks")
+        for flag, key in (("--remove", "remove"), ("--keep-blocks", "keep_blocks")):
+            count = getattr(self, key)
+            _require(count is None or count >= 1, f"prune.{key}", f"{flag} {count}: must be >= 1 (a number of blocks)")
+        _require(self.ratio is None or 0.0 < self.ratio < 1.0, "prune.ratio",
+                 f"--ratio {self.ratio}: must lie strictly between 0 and 1 (a fraction of all parameters)")
         _require(self.calib_samples > 0 and self.calib_len > 1, "prune.calib_samples",
                  "need at least one calibration sample of at least 2 tokens")
         _require(self.calib_batch_size > 0, "prune.calib_batch_size", "must be positive")
@@ -236,29 +285,31 @@ class PruneConfig:
 class LoraTrainConfig:
     """`launch/lora.py`: the Shortened LLaMA v1 recovery recipe (LLM-Pruner's post-training), PEFT LoRA."""
 
-    model: str = ""  # the (pruned) Hugging Face model directory
-    data: str = ""  # Alpaca-format .json (a list) or .jsonl: instruction / input / output
-    out: str = ""  # run directory: checkpoints/, train_log.jsonl, merged/ (the fp16 HF model)
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    epochs: int = 2
-    lr: float = 1e-4
-    micro_batch_size: int = 4
-    grad_accum: int = 16  # batch 64 = 4 x 16
-    cutoff_len: int = 256
-    warmup_steps: int = 100
-    max_grad_norm: float = 1.0
-    train_on_inputs: bool = False  # False: the loss covers the response tokens only (alpaca-lora's default)
-    seed: int = 42
-    save_every_steps: int = 200
-    keep_last: int = 2
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # autocast dtype; LoRA weights stay fp32
-    device: str = "auto"
-    tokenizer: str = ""  # tokenizer.model (or a directory) when the model directory has none
+    model: str = setting("", "the (pruned) Hugging Face model directory", required=True)
+    data: str = setting("", "Alpaca-format .json (a list) or .jsonl: instruction / input / output", required=True)
+    out: str = setting("", "run directory: checkpoints/, train_log.jsonl, merged/ (the fp16 HF model); re-running "
+                           "with it resumes", required=True)
+    r: int = setting(8, "LoRA rank")
+    alpha: int = setting(16, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = setting(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = setting(
+        help="module names that get LoRA adapters",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    epochs: int = setting(2, "passes over the data")
+    lr: float = setting(1e-4, "peak learning rate")
+    micro_batch_size: int = setting(4, "examples per forward/backward")
+    grad_accum: int = setting(16, "micro-batches per optimizer step: batch 64 = 4 x 16")
+    cutoff_len: int = setting(256, "tokens kept of each example")
+    warmup_steps: int = setting(100, "linear warmup steps")
+    max_grad_norm: float = setting(1.0, "gradient-norm clipping")
+    train_on_inputs: bool = setting(False, "also train on the prompt tokens (default: the loss covers the response "
+                                           "tokens only, alpaca-lora's default)")
+    seed: int = setting(42, "seed of the data order and the LoRA initialisation")
+    save_every_steps: int = setting(200, "optimizer steps between checkpoints")
+    keep_last: int = setting(2, "checkpoints kept")
+    dtype: DTYPES = setting("auto", "autocast dtype; LoRA weights stay fp32")
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    tokenizer: str = setting("", "tokenizer.model (or a directory) when the model directory has none")
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "lora.model", "set the model directory (--model)")
@@ -275,30 +326,75 @@ class LoraTrainConfig:
         _require(self.keep_last >= 1, "lora.keep_last", "must be >= 1")
 
 
+@dataclass
+class PrepareConfig:
+    """`data_prep/slimpajama.py`: raw documents -> tokenized, packed, versioned token shards."""
+
+    input: str = setting(help="SlimPajama tree (chunkN/*.jsonl.zst), a folder of .jsonl/.jsonl.zst, one file, or "
+                              "hf://DATASET_ID to stream a Hugging Face dataset (e.g. hf://cerebras/SlimPajama-627B)")
+    tokenizer: str = setting(help="tokenizer.model, or a model directory holding it")
+    output: str = setting(help="output directory for manifest.json and shards")
+    seq_len: int = setting(2048, "tokens per packed sequence")
+    workers: int = setting(1, "tokenizer processes (the output does not depend on it)")
+    split: str | None = setting(None, "sub-folder of --input to read, e.g. train or validation")
+    sources: list[str] | None = setting(None, "meta.redpajama_set_name values to keep, comma-separated, e.g. "
+                                              "RedPajamaC4,Github", sep=",")
+    max_tokens: int = setting(0, "stop after the document that reaches this many tokens (0: everything)")
+    strict: bool = setting(False, "stop at the first bad line with file:line: reason")
+    shard_tokens: int = setting(1 << 27, "tokens per shard file (about 256 MiB of uint16 tokens)")
+    unit_bytes: int = setting(0, "decompressed bytes per work unit (0: chosen from the corpus size and workers)")
+    verify: bool = setting(False, "on a finished output, also check every shard's sha256 against the manifest "
+                                  "(reads all shards) and rebuild the damaged ones; without it a rerun checks "
+                                  "presence, size and header")
+    hf_data_files: list[str] | None = setting(None, "data files for an hf:// builder input such as hf://json")
+    progress: bool = setting(True, "the live progress bar")
+    verbose: bool = setting(True, "resume notes and the final summary")
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.max_tokens < 0:
+            raise ConfigError(f"--max-tokens must be >= 0, got {self.max_tokens}")
+        if self.shard_tokens < self.seq_len:
+            raise ConfigError(f"--shard-tokens ({self.shard_tokens}) must hold one sequence ({self.seq_len})")
+        if self.unit_bytes < 0 or 0 < self.unit_bytes < MIN_UNIT_BYTES:
+            raise ConfigError(f"--unit-bytes must be 0 (chosen automatically) or at least {MIN_UNIT_BYTES}, "
+                              f"got {self.unit_bytes}")
+
+    @property
+    def sequences_per_shard(self) -> int:
+        return self.shard_tokens // self.seq_len
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from a YAML file (optional) and `key.sub=value` overrides, validating every key."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = read_config_file(path) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
+    source = "defaults" if path is None else str(path)
     if overrides:
         source = f"{source} + overrides {' '.join(overrides)}"
     return from_dict(cls, raw, source=source)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping of a config file; unreadable files and non-mappings are ConfigErrors naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -351,6 +447,89 @@ def config_hash(config: Any) -> str:
     """Stable sha256 of the resolved config, recorded in checkpoints."""
     blob = json.dumps(to_dict(config), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+class KeyDoc(NamedTuple):
+    """One leaf setting of a config class, as `--help` and `--print-config` show it."""
+
+    key: str  # dotted, e.g. train.max_tokens
+    type: str
+    default: Any
+    help: str
+
+
+def config_keys(cls: type, prefix: str = "") -> Iterator[KeyDoc]:
+    """Every leaf setting of dataclass `cls`, sections walked depth first in field order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from config_keys(hint, f"{prefix}{f.name}.")
+        else:
+            yield KeyDoc(prefix + f.name, type_name(hint), field_default(f), f.metadata.get("help", ""))
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The field's default value (a fresh one for default_factory fields); MISSING when it has none."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def type_name(hint: Any) -> str:
+    """A short spelling of a field's type: int, list[str], bf16|fp32, int | None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_name(arg) for arg in args)}]"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint))
+
+
+def value_sources(cls: type, path: str | Path | None, overrides: Sequence[str]) -> dict[str, str]:
+    """Where each dotted key's value comes from: `override`, `file` or `default` (the later wins)."""
+    in_file = set(_leaf_keys(read_config_file(path))) if path is not None else set()
+    overridden = {item.partition("=")[0] for item in overrides}
+    sources = {}
+    for doc in config_keys(cls):
+        covered = lambda keys: any(doc.key == k or doc.key.startswith(k + ".") for k in keys)  # noqa: E731
+        sources[doc.key] = "override" if covered(overridden) else "file" if covered(in_file) else "default"
+    return sources
+
+
+def render_config(config: Any, sources: dict[str, str]) -> str:
+    """The resolved config as YAML, each value followed by a `# <source>` comment; it loads back unchanged."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(data: dict[str, Any], prefix: str, indent: str) -> None:
+        for key, value in data.items():
+            if isinstance(value, dict):
+                rows.append((f"{indent}{key}:", ""))
+                walk(value, f"{prefix}{key}.", indent + "  ")
+            else:
+                rows.append((f"{indent}{key}: {yaml_value(value)}", sources[prefix + key]))
+
+    walk(to_dict(config), "", "")
+    width = min(ALIGN_COMMENTS_AT, max(len(text) for text, source in rows if source))
+    return "".join(f"{text.ljust(width)}  # {source}\n" if source else f"{text}\n" for text, source in rows)
+
+
+def yaml_value(value: Any) -> str:
+    """`value` as one line of YAML flow style: the spelling a file or a `key=value` override takes."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip()
+    return text.removesuffix("...").strip()  # a bare scalar document ends with an explicit end marker
+
+
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 def _require(ok: bool, key: str, message: str) -> None:

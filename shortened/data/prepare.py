@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from shortened.config import ConfigError
+from shortened.config import ConfigError, PrepareConfig  # noqa: F401  (re-exported: its old home)
 from shortened.data.packing import TokenBuffer, doc_starts_from_lengths
 from shortened.data.prep_stats import PrepStats, describe_bad
 from shortened.data.shards import (
@@ -53,47 +53,10 @@ RUN_NAME = "run.json"  # .work/run.json: fingerprint and unit size of the run th
 RUN_INFO_NAME = "prepare_run.json"
 LOCK_NAME = ".lock"  # locked while a data prep runs; left empty afterwards so outputs stay byte-identical
 HEAD_TAIL_BYTES = 64 << 10  # hashed at each end of every input file for the fingerprint
-MIN_UNIT_BYTES = 4096  # each unit costs a result file and a task: smaller units only add overhead
 
 
 class BadInputError(ValueError):
     """--strict met a bad line; the message is `file:line: reason`."""
-
-
-@dataclass
-class PrepareConfig:
-    input: str
-    tokenizer: str
-    output: str
-    seq_len: int = 2048
-    workers: int = 1
-    split: str | None = None
-    sources: list[str] | None = None  # keep only these meta.redpajama_set_name values
-    max_tokens: int = 0  # stop after the document that reaches this many tokens (0: everything)
-    strict: bool = False
-    shard_tokens: int = 1 << 27  # about 256 MiB of uint16 tokens per shard
-    unit_bytes: int = 0  # decompressed bytes per work unit (0: chosen from the corpus size and workers)
-    verify: bool = False  # on a finished output, also compare every shard's sha256 with the manifest
-    hf_data_files: list[str] | None = None  # with an hf:// input naming a builder such as json
-    progress: bool = True  # the live progress bar
-    verbose: bool = True  # resume notes and the final summary
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ConfigError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if self.max_tokens < 0:
-            raise ConfigError(f"--max-tokens must be >= 0, got {self.max_tokens}")
-        if self.shard_tokens < self.seq_len:
-            raise ConfigError(f"--shard-tokens ({self.shard_tokens}) must hold one sequence ({self.seq_len})")
-        if self.unit_bytes < 0 or 0 < self.unit_bytes < MIN_UNIT_BYTES:
-            raise ConfigError(f"--unit-bytes must be 0 (chosen automatically) or at least {MIN_UNIT_BYTES}, "
-                              f"got {self.unit_bytes}")
-
-    @property
-    def sequences_per_shard(self) -> int:
-        return self.shard_tokens // self.seq_len
 
 
 @dataclass

@@ -8,14 +8,18 @@ import os
 import signal
 import sys
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from shortened.config import ConfigError, RunConfig, load_config
+from shortened import cli
+from shortened.config import ConfigError, RunConfig, load_config, render_config, value_sources
+
+if TYPE_CHECKING:  # the hooks module pulls in torch; --help and --print-config do without
+    from shortened.train.hooks import TrainerHook
 
 log = logging.getLogger("shortened.train")
 # How gloo and NCCL report a peer that died or stopped answering (their errors are plain RuntimeErrors).
-LOST_RANK_SIGNS = ("Timed out", "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
-                   "Watchdog caught collective operation timeout")
+LOST_RANK_SIGNS = ("Timed out", "Connection closed by peer", "Connection reset by peer",
+                   "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
 
 
 def setup_logging() -> int:
@@ -36,34 +40,54 @@ def setup_logging() -> int:
     return rank
 
 
-def cpt_main(argv: Sequence[str] | None = None, hooks: Sequence[object] = ()) -> int:
-    parser = argparse.ArgumentParser(
+def cpt_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         description="Continued pretraining on DeepSpeed ZeRO. Run under `deepspeed`, `torchrun`, `srun`, or plain "
-                    "python (one process).")
+                    "python (one process).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the --config file, or as key.sub=value overrides after it):\n"
+               + cli.config_help(RunConfig))
     parser.add_argument("--config", required=True, help="run recipe, e.g. configs/cpt/tiny-cpu.yaml")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML, each value marked with where it came from "
+                             "(default, file or override), and exit without training")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="passed by the deepspeed launcher; LOCAL_RANK from the environment is used")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. run_dir=runs/x train.max_steps=10")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def cpt_main(argv: Sequence[str] | None = None, hooks: Sequence[TrainerHook] = ()) -> int:
+    args = cpt_parser().parse_intermixed_args(argv)
+    if args.print_config:  # before logging and the trainer's imports: no DeepSpeed, no torch.distributed
+        return cli.run(lambda: print_config(args.config, args.overrides), (ConfigError,))
     rank = setup_logging()
+    label = "error" if rank == 0 else f"error (rank {rank})"
+    return cli.run(lambda: _train(args.config, args.overrides, hooks, rank), bad_input_errors(), label)
+
+
+def print_config(path: str, overrides: Sequence[str]) -> int:
+    config = load_config(RunConfig, path, overrides)
+    print(render_config(config, value_sources(RunConfig, path, overrides)), end="")
+    return 0
+
+
+def _train(path: str, overrides: Sequence[str], hooks: Sequence[TrainerHook], rank: int) -> int:
+    """Exit status of one training run; bad input propagates to `cli.run` (exit 2)."""
     from shortened.train.evaluation import evaluation_hooks
     from shortened.train.loop import NonFiniteLoss, train
     from shortened.train.plan import SetupError
 
-    input_errors = bad_input_errors()
     try:
-        config = load_config(RunConfig, args.config, args.overrides)
+        config = load_config(RunConfig, path, overrides)
         train(config, hooks=[*hooks, *evaluation_hooks(config)])
-    except input_errors as err:  # a config, data or checkpoint problem: the user fixes it, then reruns
-        print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
-        return 2
     except NonFiniteLoss as err:  # the same on every rank: said once
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 1
     except SetupError as err:  # rank 0 printed the cause
         log.debug("%s", err)
-        return 2 if err.rank0_error in {kind.__name__ for kind in input_errors} else 1
+        return 2 if err.rank0_error in {kind.__name__ for kind in bad_input_errors()} else 1
     except RuntimeError as err:
         if not any(sign in str(err) for sign in LOST_RANK_SIGNS):
             raise
@@ -86,17 +110,8 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     return ConfigError, CheckpointError, ShardFormatError, InputError, TokenizerNotFound, TokenOutOfRange
 
 
-def one_line(err: Exception) -> str:
-    """The message alone: an error raised in a DataLoader worker arrives wrapped with the worker's traceback."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.startswith(type(err).__name__ + ":") else last
-    return text
-
-
 def export_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a complete training checkpoint as a Hugging Face model.")
+    parser = cli.ArgumentParser(description="Export a complete training checkpoint as a Hugging Face model.")
     parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNNNN")
     parser.add_argument("--out", required=True, help="output directory (safetensors + config + tokenizer)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
@@ -106,10 +121,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     from shortened.train.checkpoint import CheckpointError
     from shortened.train.export import export_hf
 
-    try:
-        out = export_hf(args.checkpoint, args.out, args.dtype)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0
+    def export() -> int:
+        print(f"exported {args.checkpoint} -> {export_hf(args.checkpoint, args.out, args.dtype)}")
+        return 0
+
+    return cli.run(export, (CheckpointError,))
