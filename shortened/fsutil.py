@@ -93,3 +93,75 @@ def remove_tree(path: Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ directories sealed by a marker
+#
+# The commit protocol of every checkpoint (the trainer's and the LoRA run's): write the files, flush them all, then
+# write the completion marker last (temp + fsync + rename), listing each file with its size. A directory without a
+# valid marker is incomplete and never read; a removal takes the marker away first, so a crash half-way through it
+# leaves an incomplete directory, never one that looks whole.
+
+
+def file_sizes(directory: Path, marker: str) -> dict[str, int]:
+    """Every file under `directory` (relative path -> bytes), the marker aside."""
+    return {str(file.relative_to(directory)): file.stat().st_size for file in sorted(directory.rglob("*"))
+            if file.is_file() and file.name != marker}
+
+
+def seal_directory(directory: Path, marker: str, info: dict[str, Any]) -> None:
+    """Flush everything under `directory`, then write `marker` (`info` plus the file list) last, durably."""
+    fsync_tree(directory)  # the data reaches the disk before the marker that vouches for it
+    atomic_write_json({**info, "files": file_sizes(directory, marker)}, directory / marker)
+    fsync_dir(directory.parent)  # the directory's own entry, before anything older is deleted in its favour
+
+
+def read_marker(directory: Path, marker: str) -> dict[str, Any] | None:
+    """The marker's contents, or None when it is missing or unreadable (the directory is incomplete)."""
+    try:
+        info = json.loads((directory / marker).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def sealed_damage(directory: Path, info: dict[str, Any]) -> str | None:
+    """A file the marker lists that is missing or of another size, or None. Markers without a list pass."""
+    for name, size in (info.get("files") or {}).items():
+        file = directory / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes, the marker recorded {size}"
+    return None
+
+
+def discard_directory(directory: Path, marker: str) -> None:
+    """Remove a sealed (or half-written) directory: its marker first, then the rest out of view at once."""
+    file = directory / marker
+    if file.exists():
+        file.unlink()
+        fsync_dir(directory)
+    remove_tree(directory)
+
+
+# ------------------------------------------------------------------------------ step logs (train_log.jsonl)
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop the lines of steps after `last_step` from a JSON-lines log whose records carry `step`.
+
+    A resumed run re-does those steps, so the log keeps one line per step. A line cut by a crash is dropped; every
+    kept line ends with a newline, so the next append starts a line of its own. Written atomically.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+        try:
+            redone = json.loads(line)["step"] > last_step
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash, or the empty tail after the last newline
+        if not redone:
+            kept.append(line + "\n")
+    atomic_write_bytes("".join(kept).encode(), path)

@@ -11,15 +11,17 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import EVAL_DATA, ROOT, subprocess_env
 from prune_fixtures import model_dir  # noqa: F401
 from shortened.config import LoraTrainConfig, from_dict
+from shortened.fsutil import truncate_log
 from shortened.prune.instruct import IGNORE_INDEX, collate, encode_example, prompt_for, read_alpaca
 from shortened.prune.lora import ResumeMismatch, StepPlan, merge_lora, train_lora
-from shortened.prune.lora_checkpoint import complete_checkpoints
+from shortened.prune.lora_checkpoint import complete_checkpoints, save_checkpoint
+from shortened.rng import load_rng_state
 from shortened.tokenizer import load_tokenizer
 
 # Small and quick for CI: 24 examples, batch 4 (2 x 2), 2 epochs = 12 steps; a higher lr than the recipe's 1e-4 so
@@ -60,6 +62,10 @@ def lora_config(base_dir, alpaca_file, out, **overrides) -> LoraTrainConfig:
     values = dict(model=str(base_dir), data=str(alpaca_file), out=str(out), **TEST_RECIPE)
     values.update(overrides)
     return from_dict(LoraTrainConfig, values)
+
+
+def tail(path, chars: int = 2000) -> str:
+    return path.read_text(errors="replace")[-chars:]
 
 
 def log_of(out) -> list[dict]:
@@ -142,15 +148,19 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference_run, base_dir
            "--out", str(out)]
     cmd += [arg for key, value in {**TEST_RECIPE, **RESUME_TEST}.items()
             for arg in ("--" + key.replace("_", "-"), str(value))]
-    victim = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe nobody drains (the progress bar would fill it and stall the run); its tail goes
+    # into the failure messages.
+    stderr_file = tmp_path / "victim.stderr"
+    with open(stderr_file, "wb") as stderr:
+        victim = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 180
     while not (out / "checkpoints" / "step_00000003" / "complete.json").exists():
-        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "the LoRA run never wrote its third checkpoint"
+        assert victim.poll() is None, f"the LoRA run exited {victim.returncode}:\n{tail(stderr_file)}"
+        assert time.time() < deadline, f"the LoRA run never wrote its third checkpoint:\n{tail(stderr_file)}"
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    victim.stderr.close()
+    assert victim.returncode == -signal.SIGKILL, tail(stderr_file)
     killed_at = [int(p.name.split("_")[1]) for p in complete_checkpoints(out / "checkpoints")][-1]
     assert 3 <= killed_at < 12 and not (out / "merged").exists()
     # A torn directory that a crash could leave (no marker) must be ignored, not resumed from.
@@ -176,3 +186,50 @@ def test_bad_instruction_data_names_file_and_record(tmp_path):
     bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x", "response": "y"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: record 1 has no string 'output'"):
         read_alpaca(bad)
+
+
+class _Adapter(torch.nn.Linear):
+    """Stands in for a PEFT model: save_pretrained writes the adapter file, as PEFT does."""
+
+    def save_pretrained(self, path):
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"w": self.weight.detach().clone()}, path / "adapter_model.safetensors")
+
+
+def test_checkpoints_use_the_trainers_commit_protocol(tmp_path):
+    root = tmp_path / "checkpoints"
+    model = _Adapter(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for step in (1, 2):
+        save_checkpoint(root, step, model, optimizer, {"step": step}, keep_last=2)
+    marker = json.loads((root / "step_00000002" / "complete.json").read_text())
+    assert marker["step"] == 2 and set(marker["files"]) == {"adapter_model.safetensors", "optimizer.pt", "rng.pt",
+                                                             "trainer_state.json"}
+    # The RNG file is the shared one: it loads with weights_only=True and holds numpy's generator too.
+    assert set(load_rng_state(root / "step_00000002" / "rng.pt")) >= {"python", "numpy", "torch"}
+
+    (root / "step_00000003").mkdir()  # a save killed before its marker
+    (root / "step_00000003" / "adapter_model.safetensors").write_bytes(b"torn")
+    with (root / "step_00000002" / "optimizer.pt").open("ab") as handle:  # a file that is not what was sealed
+        handle.write(b"x")
+    with pytest.warns(UserWarning) as warned:
+        assert [p.name for p in complete_checkpoints(root)] == ["step_00000001"]
+    assert any("no readable complete.json" in str(w.message) for w in warned)
+    assert any("optimizer.pt has" in str(w.message) for w in warned)
+
+    save_checkpoint(root, 3, model, optimizer, {"step": 3}, keep_last=2)  # replaces the torn directory
+    save_checkpoint(root, 4, model, optimizer, {"step": 4}, keep_last=2)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000003", "step_00000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]  # retention, marker first
+
+
+def test_resume_truncates_the_log_with_the_trainers_function(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}')  # the last line whole, its newline cut by the kill
+    truncate_log(log, 3)
+    with log.open("a") as handle:
+        handle.write('{"step": 4}\n')
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    log.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    truncate_log(log, 1)
+    assert log.read_text() == '{"step": 1}\n'

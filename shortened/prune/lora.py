@@ -1,8 +1,9 @@
 """LoRA retraining of a pruned model (the Shortened LLaMA v1 recipe), resumable, merged into an fp16 HF model.
 
-The loop is ours rather than HF Trainer's so that a checkpoint is atomic and a resumed run is the uninterrupted
-run step for step: the data order of epoch e is a permutation seeded by (seed, e), the step's position in it
-follows from the step number, and the RNG that drives LoRA dropout is saved and restored with the checkpoint.
+The loop is ours rather than HF Trainer's so that a checkpoint is complete or ignored (the trainer's commit
+protocol, see lora_checkpoint.py) and a resumed run is the uninterrupted run step for step: the data order of
+epoch e is a permutation seeded by (seed, e), the step's position in it follows from the step number, and the RNG
+that drives LoRA dropout is saved and restored with the checkpoint.
 
 Run directory:
     config.yaml            the resolved LoraTrainConfig
@@ -27,10 +28,11 @@ from torch import nn
 from tqdm import tqdm
 
 from shortened.config import LoraTrainConfig, save_config, to_dict
+from shortened.fsutil import truncate_log
 from shortened.prune.errors import PruneInputError
 from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dtype, resolve_model_dir, save_model_dir
 from shortened.prune.instruct import IGNORE_INDEX, Example, collate, encode_example, read_alpaca
-from shortened.prune.lora_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from shortened.prune.lora_checkpoint import complete_checkpoints, load_checkpoint, remove_leftovers, save_checkpoint
 from shortened.tokenizer import load_tokenizer
 
 # Fields that do not change what is trained; a resumed run may differ in them.
@@ -158,8 +160,8 @@ def _resume_or_start(out: Path, config: LoraTrainConfig, model: nn.Module,
                      optimizer: torch.optim.Optimizer) -> int:
     """The step to start from: 0 for a new run, else that of the newest complete checkpoint (restored)."""
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "checkpoints").glob(".step_*.tmp"):  # a save that a kill interrupted
-        shutil.rmtree(stale, ignore_errors=True)
+    if (out / "checkpoints").is_dir():
+        remove_leftovers(out / "checkpoints")
     checkpoints = complete_checkpoints(out / "checkpoints")
     if not checkpoints:
         save_config(config, out / "config.yaml")
@@ -173,22 +175,9 @@ def _resume_or_start(out: Path, config: LoraTrainConfig, model: nn.Module,
         )
     load_checkpoint(checkpoints[-1], model, optimizer)
     step = state["step"]
-    _truncate_log(out / "train_log.jsonl", step)
+    truncate_log(out / "train_log.jsonl", step)  # the steps after the checkpoint are trained again
     print(f"resumed from {checkpoints[-1]} (step {step})", flush=True)
     return step
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint: they will be trained again."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError):
-            break  # a line cut by the kill, and nothing valid can follow it
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer_source: Path,

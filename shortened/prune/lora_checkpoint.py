@@ -1,15 +1,16 @@
 """LoRA run checkpoints: adapter, optimizer, RNG and progress, complete or ignored.
 
-A checkpoint is written into a hidden temporary directory, its `complete.json` marker last, and then renamed into
-place: `checkpoints/step_NNNNNNNN/` either exists with everything in it or not at all, so a run killed at any
-instant (kill -9 included) resumes from the newest directory that has the marker. Older checkpoints are deleted
-only after a newer one is in place.
+The trainer's commit protocol (`shortened.fsutil`, sealed directories): `checkpoints/step_NNNNNNNN/` gets its
+files, they are flushed, and its `complete.json` marker is written last, listing every file with its size. A run
+killed at any instant (kill -9 included) resumes from the newest directory whose marker is valid and whose files
+match it; a directory without one is ignored, and replaced when training reaches its step again. Older checkpoints
+are deleted (marker first) only after a newer one is complete.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -19,10 +20,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from shortened.fsutil import atomic_write_text, fsync_dir, fsync_tree
+from shortened.fsutil import discard_directory, read_marker, seal_directory, sealed_damage
+from shortened.rng import capture_rng_state, load_rng_state, restore_rng_state
 
 MARKER = "complete.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "trainer_state.json"
+_TAG = re.compile(r"^step_(\d{8,})$")
 
 
 def checkpoint_path(root: Path, step: int) -> Path:
@@ -31,37 +37,64 @@ def checkpoint_path(root: Path, step: int) -> Path:
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                     keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep_last` complete ones."""
+    """Write checkpoint `step` (marker last), then drop all but the newest `keep_last` complete ones."""
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(root, step)
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # PEFT writes the adapter only: adapter_model.safetensors + adapter_config.json
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    fsync_tree(tmp)  # the data reaches the disk before the marker that vouches for it
-    atomic_write_text(json.dumps({"step": step, "time": time.time()}), tmp / MARKER)
-    if final.exists():  # a leftover of a run that died after this rename but before training went past it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    path = checkpoint_path(root, step)
+    if path.exists():  # left by a save that died, or by a run resumed from an older checkpoint
+        discard_directory(path, MARKER)
+    path.mkdir()
+    model.save_pretrained(path)  # PEFT writes the adapter only: adapter_model.safetensors + adapter_config.json
+    torch.save(optimizer.state_dict(), path / OPTIMIZER_FILE)
+    torch.save(capture_rng_state(), path / RNG_FILE)
+    (path / STATE_FILE).write_text(json.dumps(state, indent=2))
+    seal_directory(path, MARKER, {"step": step, "time": time.time()})
+    apply_retention(root, keep_last)
+    return path
+
+
+def incomplete_because(path: Path) -> str | None:
+    """Why the step directory `path` is not a usable checkpoint, or None when it is."""
+    match = _TAG.match(path.name)
+    if match is None or not path.is_dir():
+        return "not a step_NNNNNNNN directory"
+    info = read_marker(path, MARKER)
+    if info is None:
+        return f"no readable {MARKER} (its save never finished)"
+    if info.get("step") != int(match.group(1)):
+        return f"{MARKER} says step {info.get('step')}"
+    return sealed_damage(path, info)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories with a readable marker, oldest first; anything else is ignored."""
+    """Checkpoint directories with a valid marker and intact files, oldest first; anything else is ignored."""
     found = []
     for path in sorted(root.glob("step_*")) if root.is_dir() else []:
-        try:
-            json.loads((path / MARKER).read_text())
-        except (OSError, ValueError):
-            warnings.warn(f"{path}: no readable {MARKER}; ignoring this incomplete checkpoint")
+        problem = incomplete_because(path)
+        if problem is not None:
+            warnings.warn(f"{path}: {problem}; ignoring this incomplete checkpoint")
             continue
         found.append(path)
     return found
+
+
+def apply_retention(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and incomplete ones older than those."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # incomplete directories are expected here: a resume replaces them
+        complete = complete_checkpoints(root)
+    kept = complete[-keep_last:]
+    if not kept:
+        return
+    for path in sorted(root.glob("step_*")):
+        if path.is_dir() and path not in kept and path.name < kept[0].name:
+            discard_directory(path, MARKER)
+    remove_leftovers(root)
+
+
+def remove_leftovers(root: Path) -> None:
+    """What interrupted deletions (`.trash-*`) and saves of earlier versions (`.step_*.tmp`) left behind."""
+    for leftover in [*root.glob(".trash-*"), *root.glob(".step_*.tmp")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -71,20 +104,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
     if result.unexpected_keys:
         raise ValueError(f"{path}: adapter does not fit this model (unexpected {result.unexpected_keys[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
+    rng = load_rng_state(path / RNG_FILE)
+    if "numpy" in rng:
+        restore_rng_state(rng)
+    else:  # written before checkpoints captured numpy: python's state as a tuple, torch's, cuda's
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / STATE_FILE).read_text())

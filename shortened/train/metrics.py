@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from shortened.fsutil import atomic_write_bytes
+from shortened.fsutil import truncate_log  # shared with the LoRA run; tests import it from here
 
 TRAIN_LOG = "train_log.jsonl"
 # Dense bf16 peak FLOP/s per device (no sparsity), by substring of torch.cuda.get_device_name().
@@ -44,21 +44,6 @@ def memory_gb(device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats(device)
         return peak / 2**30
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
-
-
-def truncate_log(path: Path, last_step: int) -> None:
-    """Drop lines of steps after `last_step`: a resumed run re-does them, and the log keeps one line per step."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a crash
-        if step <= last_step:
-            kept.append(line)
-    atomic_write_bytes("".join(kept).encode(), path)
 
 
 class TrainLogger:
