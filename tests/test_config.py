@@ -2,7 +2,17 @@ from pathlib import Path
 
 import pytest
 
-from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, load_config, save_config
+from shortened.config import (
+    ConfigError,
+    PrepareConfig,
+    PruneConfig,
+    RunConfig,
+    TrainConfig,
+    config_hash,
+    load_config,
+    save_config,
+    value_sources,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -64,3 +74,31 @@ def test_saved_config_round_trips_with_same_hash(tmp_path):
     again = load_config(RunConfig, tmp_path / "config.yaml")
     assert again == config
     assert config_hash(again) == config_hash(config)
+
+
+def test_value_sources_cover_whole_sections_and_lists(tmp_path):
+    path = write(tmp_path, "train:\n  max_tokens: 10\noptim:\n  betas: [0.8, 0.9]\n")
+    sources = value_sources(RunConfig, path, ["eval.tasks=[piqa]", "optim.lr=3e-4"])
+    assert sources["train.max_tokens"] == "file" and sources["optim.betas"] == "file"
+    assert sources["eval.tasks"] == "override" and sources["optim.lr"] == "override"
+    assert sources["train.max_steps"] == "default" and sources["run_dir"] == "default"
+
+
+def test_prepare_config_lives_with_the_others_and_keeps_its_old_import():
+    from shortened.data.prepare import PrepareConfig as reexported
+
+    assert reexported is PrepareConfig
+    with pytest.raises(ConfigError, match="--unit-bytes must be 0"):
+        PrepareConfig(input="i", tokenizer="t", output="o", unit_bytes=10)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"remove": 0}, r"prune\.remove: --remove 0: must be >= 1"),
+    ({"keep_blocks": 0}, r"prune\.keep_blocks: --keep-blocks 0: must be >= 1"),
+    ({"ratio": 1.0}, r"prune\.ratio: --ratio 1\.0: must lie strictly between 0 and 1"),
+    ({}, "give exactly one of --remove, --ratio, --keep-blocks"),
+    ({"remove": 2, "ratio": 0.2}, "give exactly one of --remove, --ratio, --keep-blocks"),
+])
+def test_prune_sizes_are_checked_once_in_the_config(sizes, message):
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(model="m", out="o", calib="c", **sizes)
