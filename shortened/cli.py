@@ -57,7 +57,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     mutually exclusive group. A field without a default, or marked `required`, must be given.
     """
     hints = typing.get_type_hints(cls)
-    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    groups: dict[str, Any] = {}  # one_of name -> its mutually exclusive group
     for f in dataclasses.fields(cls):
         group = f.metadata.get("one_of")
         if group and group not in groups:
@@ -80,7 +80,7 @@ def _flag(f: dataclasses.Field, hint: Any) -> tuple[str, dict[str, Any]]:
     if not required:
         options["default"] = default
         if default not in (None, ""):
-            help_text = f"{help_text} (default: {_show(default)})"
+            help_text = f"{help_text} (default: {_show(default, f.metadata.get('sep', ' '))})"
     options["help"] = help_text
     kind, optional = _strip_optional(hint)
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -107,8 +107,9 @@ def _strip_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+def _show(value: Any, sep: str) -> str:
+    """A default as it is typed on the command line (list items joined as the flag takes them)."""
+    return sep.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def config_help(cls: type, width: int = 100) -> str:
