@@ -54,7 +54,8 @@ class SentencePieceHFTokenizer(PreTrainedTokenizer):
         # SentencePiece decodes control pieces to "", but lm-eval decodes the BOS id to detect prompts that
         # already start with it: an empty string there would make every prompt look BOS-prefixed and drop <s>.
         special = {self.bos_token, self.eos_token, self.unk_token}
-        out, run = [], []
+        out: list[str] = []
+        run: list[str] = []
         for token in tokens:
             if token in special:
                 out.append(self.sp.decode_pieces(run))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 from tqdm import tqdm
@@ -68,7 +68,7 @@ def write_lm_eval_overrides(specs: Sequence[LmEvalTask], data_dir: str | Path, o
             # other request), once more in front of the text: two <s>. Perplexity is scored by kind: perplexity.
             raise ConfigError(f"task table: tasks.{spec.name}: {spec.lm_eval_task} is a loglikelihood_rolling task, "
                               "which lm-eval would score after two <s>; use kind: perplexity for perplexities")
-        override = {
+        override: dict[str, Any] = {
             "include": str(spec.lm_eval_task),
             "task": lm_eval_task_name(spec),
             "tag": [],  # the base's tags would register groups pointing at the mirror copies

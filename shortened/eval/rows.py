@@ -115,7 +115,7 @@ def _index(row: dict, name: str, allowed: range) -> tuple[str, str] | None:
     return None
 
 
-def _lettered_choices(row: dict, answer: str) -> tuple[str, str] | None:
+def _lettered_choices(row: dict, answer: object) -> tuple[str, str] | None:
     """ARC / OpenBookQA: `choices` {text: [...], label: [...]} of equal length, `answerKey` one of the labels."""
     choices = row.get("choices")
     if not isinstance(choices, dict):
@@ -124,6 +124,7 @@ def _lettered_choices(row: dict, answer: str) -> tuple[str, str] | None:
     for name, value in (("choices.text", texts), ("choices.label", labels)):
         if not (isinstance(value, list) and len(value) >= 2 and all(isinstance(v, str) for v in value)):
             return name, f"expected a list of at least 2 strings, got {_show(value)}"
+    assert isinstance(texts, list) and isinstance(labels, list)  # checked just above
     if len(texts) != len(labels):
         return "choices", f"{len(texts)} texts but {len(labels)} labels"
     if "answerKey" not in row:

@@ -1,12 +1,20 @@
 """Summed next-token loss of token windows: the one scoring routine behind perplexity and validation loss."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+
+class Windows(Protocol):
+    """What `nll_sum` reads: a 2-D token array, or a lazy sequence of 1-D arrays (validation shards)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
 
 
 def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
@@ -21,7 +29,7 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, in
     return float(loss.double()), windows.numel() - windows.size(0)
 
 
-def nll_sum(model: torch.nn.Module, windows: Sequence[np.ndarray], batch_size: int, rank: int = 0,
+def nll_sum(model: torch.nn.Module, windows: Windows, batch_size: int, rank: int = 0,
             world_size: int = 1, desc: str = "score") -> tuple[float, int]:
     """Loss sum and predicted-token count of this rank's share (every world_size-th window, from `rank`)."""
     device = next(model.parameters()).device

@@ -42,7 +42,8 @@ def evaluate_model(model_ref: str, config: EvalConfig, device: str | None = None
     suite = EvalSuite(config, model_dir, validation_path=validation_path)
     check_mirror(config.data_dir, suite.specs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)  # transformers' .to() is mistyped
+    model = model.to(device)
     rows = stamp(suite.run(model), run=str(model_ref), step=0, tokens=0, source="evaluate")
     print(paper_table(rows))
     if output:

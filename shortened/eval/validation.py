@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from shortened.data.shards import PackedShards, open_shards
+from shortened.data.shards import PackedShards, open_shards, read_manifest
 from shortened.eval.scoring import nll_sum
 from shortened.fsutil import file_sha256
 
@@ -18,13 +18,14 @@ METRIC = "loss"
 
 
 def open_validation_shards(path: str | Path, tokenizer_file: str | Path) -> PackedShards:
-    shards = open_shards(path)
     expected = file_sha256(tokenizer_file)
-    if shards.tokenizer_sha256 != expected:
+    data_sha256 = read_manifest(path)["tokenizer_sha256"]  # before the shard checks: the likelier mistake
+    if data_sha256 != expected:
         raise ValueError(
-            f"{Path(path) / 'manifest.json'}: shards were tokenized with tokenizer sha256 {shards.tokenizer_sha256}, "
+            f"{Path(path) / 'manifest.json'}: shards were tokenized with tokenizer sha256 {data_sha256}, "
             f"but the model's {tokenizer_file} has {expected}; prepare the validation shards with the model's tokenizer"
         )
+    shards = open_shards(path)
     if len(shards) == 0:
         raise ValueError(f"{path}: the shards hold no complete sequence")
     return shards

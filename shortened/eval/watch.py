@@ -142,7 +142,8 @@ def pending(checkpoints: Sequence[Checkpoint], state: WatchState, every_tokens: 
 def load_model(checkpoint: Checkpoint, device: str, dtype: str = "auto") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(checkpoint.model_dir, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(checkpoint.model_dir, dtype=dtype)  # .to() is mistyped
+    return model.to(device)
 
 
 def evaluate_checkpoint(checkpoint: Checkpoint, config: EvalConfig, run_name: str, device: str,

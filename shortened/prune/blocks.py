@@ -7,7 +7,7 @@ block's removal copies no weights. Removal does the same permanently and then re
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from torch import nn
 
@@ -17,6 +17,9 @@ from shortened.prune.errors import PruneInputError
 # layers in `model.model.layers`. Others may look alike and differ (parallel blocks, MoE, cross-layer KV), so
 # they are refused rather than pruned into a wrong model.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# A transformers *ForCausalLM. Its `model.layers` and `config` are attributes that nn.Module's typing (every unknown
+# attribute a Tensor or Module) cannot describe.
+CausalLM = Any
 _BLOCK_MODULES = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
@@ -39,7 +42,7 @@ def check_supported(config) -> None:
         )
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: CausalLM) -> nn.ModuleList:
     """The decoder blocks of a causal LM, after checking each has the Llama block layout."""
     check_supported(model.config)
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -54,17 +57,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def block_param_counts(model: nn.Module) -> list[int]:
+def block_param_counts(model: CausalLM) -> list[int]:
     return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
 
 
-def _set_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
+def _set_layers(model: CausalLM, layers: Sequence[nn.Module]) -> None:
     model.model.layers = nn.ModuleList(layers)
     model.config.num_hidden_layers = len(layers)
 
 
 @contextlib.contextmanager
-def skip_blocks(model: nn.Module, removed: Sequence[int]) -> Iterator[nn.Module]:
+def skip_blocks(model: CausalLM, removed: Sequence[int]) -> Iterator[nn.Module]:
     """Run `model` as if the blocks `removed` (current indices) were gone; everything is restored on exit.
 
     Only meant for cache-less forward passes (scoring): `layer_idx` is left as is, so do not use a KV cache here.
@@ -86,7 +89,7 @@ def skip_blocks(model: nn.Module, removed: Sequence[int]) -> Iterator[nn.Module]
             setattr(model.config, key, values)
 
 
-def remove_blocks(model: nn.Module, removed: Sequence[int]) -> nn.Module:
+def remove_blocks(model: CausalLM, removed: Sequence[int]) -> nn.Module:
     """Delete blocks `removed` in place: layers, per-layer config lists and attention `layer_idx` renumbered."""
     layers = decoder_layers(model)
     removed_set = _checked_indices(removed, len(layers))

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from shortened.prune.blocks import block_param_counts, check_supported
 from shortened.prune.errors import PruneInputError
+
+if TYPE_CHECKING:  # transformers is imported lazily: the CLIs answer --help and bad arguments without it
+    from transformers import PreTrainedModel
 
 # Files that make a model directory usable by our tokenizer (tokenizer.model) and by transformers' AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -77,16 +80,16 @@ def model_shape(model_dir: Path) -> tuple[int, int, int]:
     return len(blocks), sum(p.numel() for p in skeleton.parameters()), blocks[0]
 
 
-def load_causal_lm(model_dir: Path, dtype: torch.dtype | str, device: torch.device) -> nn.Module:
+def load_causal_lm(model_dir: Path, dtype: torch.dtype | str, device: torch.device) -> PreTrainedModel:
     """Load a Llama-layout causal LM; the architecture is checked from config.json before any weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_supported(AutoConfig.from_pretrained(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)  # transformers' .to() is mistyped
     return model.to(device).eval()
 
 
-def save_model_dir(model: nn.Module, out_dir: str | Path, tokenizer_source: Path) -> Path:
+def save_model_dir(model: PreTrainedModel, out_dir: str | Path, tokenizer_source: Path) -> Path:
     """`save_pretrained` (safetensors) plus the tokenizer files of `tokenizer_source` (a file or a directory)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ first and last blocks: they are never candidates, whatever their score.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from shortened.prune.importance import CRITERIA, GRADIENT_CRITERIA, SCORERS
 @dataclass
 class Selection:
     removed: list[int]  # original indices, in the order they were chosen
-    scores: list[float | None]  # one-shot: per original block (angular: per run start); iterative: the first round
+    scores: Sequence[float | None]  # one-shot: per original block (angular: per run start); iterative: the first round
     rounds: list[dict] = field(default_factory=list)  # iterative: {"scores": {block: score}, "removed": block}
 
 
@@ -78,7 +79,7 @@ def _iterative(
 ) -> Selection:
     num_blocks = len(decoder_layers(model))
     removed: list[int] = []
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for _ in range(count):
         kept = [b for b in range(num_blocks) if b not in removed]
         with skip_blocks(model, removed):

@@ -150,7 +150,7 @@ def catches(pid: int, signum: int) -> bool:
     except OSError:
         return False
     mask = re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)
-    return bool(mask) and bool(int(mask.group(1), 16) >> (signum - 1) & 1)
+    return mask is not None and bool(int(mask.group(1), 16) >> (signum - 1) & 1)
 
 
 def send(proc: psutil.Process, signum: int) -> None:
@@ -202,7 +202,7 @@ class Supervisor:
     def __init__(self, command: Sequence[str], run_dir: Path) -> None:
         self.command = list(command)
         self.run_dir = run_dir
-        self.launcher: subprocess.Popen | None = None
+        self.launcher: subprocess.Popen  # started by run(), after the signal handlers are in place
         self.request: str | None = None
         self.requested_at = 0.0
         self.interrupts = 0
