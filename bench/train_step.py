@@ -27,6 +27,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from shortened.ports import free_port  # noqa: E402
+
 SAMPLE = ROOT.parent / "shared" / "data" / "slimpajama-sample"
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama-tokenizer" / "tokenizer.model"
 RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
@@ -72,7 +75,7 @@ def run(name: str, out: Path, nproc: int, overrides: list[str]) -> list[dict]:
     run_dir = out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-           str(_free_port()), str(ROOT / "launch" / "cpt.py"), "--config", str(RECIPE), f"run_dir={run_dir}",
+           str(free_port()), str(ROOT / "launch" / "cpt.py"), "--config", str(RECIPE), f"run_dir={run_dir}",
            *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
@@ -143,12 +146,6 @@ def throughput(args: argparse.Namespace) -> None:
         print(f"  {name:<14} {tps:10.0f} {per_gpu:10.0f} {per_gpu / base:8.2f}x {mfu_text:>7} {step:8.3f} {memory:8.1f}")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,10 @@ from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from shortened.ports import free_port  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data"
 TOKENIZER = SHARED / "llama-tokenizer" / "tokenizer.model"
 SAMPLE = SHARED / "slimpajama-sample"
@@ -180,12 +183,6 @@ def print_summary(out: Path, source: Path, pruned: Path, cpt: Path, source_eval:
 def short(value) -> str:
     text = str(value)
     return os.path.relpath(text, ROOT) if text.startswith(str(ROOT.parent)) else text
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

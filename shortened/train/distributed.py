@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from shortened.ports import free_port
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -58,7 +59,7 @@ def launch_variables(environ: Mapping[str, str]) -> dict[str, str]:
         }
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
             "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
-            "MASTER_PORT": environ.get("MASTER_PORT") or str(_free_port())}
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(free_port())}
 
 
 def first_host(nodelist: str) -> str:
@@ -137,7 +138,3 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
