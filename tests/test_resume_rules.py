@@ -20,6 +20,7 @@ from shortened.config import RunConfig, load_config, to_dict
 from shortened.train import checkpoint as ckpt
 from shortened.train.plan import check_zero_stage, plan_budget
 from shortened.train.resume_rules import RULES, rule_for
+from test_train_state import sample_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_the_refused_keys_are_the_ones_the_checkpoint_fixes():
 
 def test_a_zero_stage_change_is_refused(tmp_path):
     checkpoint, _ = checkpoint_with_config(tmp_path)
-    (checkpoint.path / ckpt.STATE_FILE).write_text(json.dumps({"zero_stage": 2}))
+    (checkpoint.path / ckpt.STATE_FILE).write_text(sample_state(zero_stage=2).to_json())
     check_zero_stage(checkpoint, "ds_configs/zero2_bf16.json")
     with pytest.raises(ckpt.CheckpointError, match="written with ZeRO stage 2, deepspeed_config=ds_configs/"
                                                    "zero1_bf16.json has stage 1"):

@@ -192,6 +192,7 @@ def fake_checkpoint(root: Path, step: int, complete: bool = True, marker: str | 
     path = root / ckpt.tag_for(step)
     (path / "deepspeed").mkdir(parents=True)
     (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    (path / ckpt.CONFIG_FILE).write_text("run_dir: x\n")  # damage() reads both
     if complete:
         (path / ckpt.MARKER).write_text(marker if marker is not None else json.dumps({"step": step}))
     return path

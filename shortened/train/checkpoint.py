@@ -40,6 +40,8 @@ from shortened.train.failpoints import failpoint
 from shortened.fsutil import atomic_write_json, fsync_dir, fsync_file, fsync_tree, remove_tree
 from shortened.train.resume_rules import config_changes, rule_for
 from shortened.train.rng import save_rng_state
+# CheckpointError and FORMAT_VERSION live with the state they describe; callers know them as checkpoint.*
+from shortened.train.state import FORMAT_VERSION, CheckpointError, RunIdentity, TrainingState  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ TOKENIZER_FILE = "tokenizer.model"
 DEEPSPEED_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"
 HF_DIR = "model"
-FORMAT_VERSION = 1
 _TAG = re.compile(r"^step_(\d{8,})$")
 # The architecture fields of a Hugging Face config that weights depend on; a difference is a hard error.
 ARCHITECTURE_KEYS = (
@@ -62,18 +63,15 @@ ARCHITECTURE_KEYS = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used as asked; the message names the checkpoint, the difference and the fix."""
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
     step: int
 
     @cached_property
-    def state(self) -> dict[str, Any]:
-        return json.loads((self.path / STATE_FILE).read_text())
+    def state(self) -> TrainingState:
+        """Read once; a file this trainer cannot read fully is a CheckpointError naming it."""
+        return TrainingState.read(self.path / STATE_FILE)
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -221,9 +219,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Checkpoint | None:
         hint = f"; did you mean {inside[-1].path}?" if inside else ""
         raise CheckpointError(f"resume={resume}: not a complete checkpoint ({incomplete_because}){hint}")
     chosen = Checkpoint(path.resolve(), step_of(path))
-    problem = damage(chosen)
-    if problem is not None:
-        raise CheckpointError(f"resume={resume}: the checkpoint is damaged: {problem}. Resume from another "
+    damaged = damage(chosen)
+    if damaged is not None:
+        raise CheckpointError(f"resume={resume}: the checkpoint is damaged: {damaged}. Resume from another "
                               "checkpoint (resume=auto picks the newest undamaged one)")
     newer = [c.path.name for c in complete if c.step > chosen.step and c.path.resolve() != chosen.path]
     if newer:
@@ -244,30 +242,29 @@ def newest_undamaged(complete: list[Checkpoint], root: Path) -> Checkpoint:
                           "or start a new run_dir")
 
 
-def check_compatible(checkpoint: Checkpoint, identity: dict[str, Any], new_config: dict[str, Any]) -> None:
-    """Fail fast when architecture, sequence length or tokenizer differ; warn about other config changes."""
-    state = checkpoint.state
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{checkpoint.path}: training state format {state.get('format_version')}, "
-                              f"this trainer reads {FORMAT_VERSION}")
-    saved = state["identity"]
+def check_compatible(checkpoint: Checkpoint, identity: RunIdentity, new_config: dict[str, Any]) -> None:
+    """Fail fast when architecture, sequence length or tokenizer differ; warn about other config changes.
+
+    Reading the state refuses another format version first (TrainingState.from_dict).
+    """
+    saved = checkpoint.state.identity
     problems = []
-    if saved["seq_len"] != identity["seq_len"]:
-        problems.append(f"sequence length: checkpoint {saved['seq_len']}, config data.seq_len={identity['seq_len']}")
-    if saved["tokenizer_sha256"] != identity["tokenizer_sha256"]:
-        problems.append(f"tokenizer: checkpoint sha256 {saved['tokenizer_sha256'][:12]}..., shards in data.path "
-                        f"{identity['tokenizer_sha256'][:12]}...")
-    for key in sorted(set(saved["architecture"]) | set(identity["architecture"])):
-        old, new = saved["architecture"].get(key), identity["architecture"].get(key)
+    if saved.seq_len != identity.seq_len:
+        problems.append(f"sequence length: checkpoint {saved.seq_len}, config data.seq_len={identity.seq_len}")
+    if saved.tokenizer_sha256 != identity.tokenizer_sha256:
+        problems.append(f"tokenizer: checkpoint sha256 {saved.tokenizer_sha256[:12]}..., shards in data.path "
+                        f"{identity.tokenizer_sha256[:12]}...")
+    for key in sorted(set(saved.architecture) | set(identity.architecture)):
+        old, new = saved.architecture.get(key), identity.architecture.get(key)
         if old != new:
             problems.append(f"architecture {key}: checkpoint {old!r}, model.init_from {new!r}")
     if problems:
         raise CheckpointError(f"{checkpoint.path} does not match this run: " + "; ".join(problems)
                               + ". Resume with the config that wrote it, or start a new run_dir")
-    if saved.get("data_fingerprint") != identity.get("data_fingerprint"):
+    if saved.data_fingerprint != identity.data_fingerprint:
         log.warning("%s was trained on other shards (fingerprint %s, data.path now has %s): the data order "
-                    "continues by sample count, not by content", checkpoint.path, saved.get("data_fingerprint"),
-                    identity.get("data_fingerprint"))
+                    "continues by sample count, not by content", checkpoint.path, saved.data_fingerprint,
+                    identity.data_fingerprint)
     check_config_changes(checkpoint, yaml.safe_load((checkpoint.path / CONFIG_FILE).read_text()), new_config)
 
 
@@ -292,11 +289,11 @@ def check_config_changes(checkpoint: Checkpoint, old_config: dict[str, Any], new
 
 
 def check_batch_position(checkpoint: Checkpoint, global_batch_size: int) -> None:
-    consumed = checkpoint.state["consumed_samples"]
+    consumed = checkpoint.state.consumed_samples
     if consumed % global_batch_size:
         raise CheckpointError(
             f"{checkpoint.path}: {consumed} samples consumed is not a multiple of train.global_batch_size="
-            f"{global_batch_size}; resume with global_batch_size {checkpoint.state['global_batch_size']} "
+            f"{global_batch_size}; resume with global_batch_size {checkpoint.state.global_batch_size} "
             "or one that divides the consumed samples"
         )
 
@@ -322,7 +319,7 @@ def ensure_universal(checkpoint: Checkpoint, policy: str) -> None:
     if policy != "convert":
         command = " ".join(universal_command(checkpoint, tmp))
         raise CheckpointError(
-            f"{checkpoint.path} was written by {checkpoint.state['world_size']} ranks; its ZeRO optimizer state "
+            f"{checkpoint.path} was written by {checkpoint.state.world_size} ranks; its ZeRO optimizer state "
             f"must be converted for another world size (checkpoint.on_world_size_change=refuse). Run\n  {command} "
             f"&& mv {tmp} {target}\nor set checkpoint.on_world_size_change=convert"
         )
@@ -347,9 +344,9 @@ def engine_load_location(checkpoint: Checkpoint, universal: bool) -> tuple[str, 
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def write_rank0_files(path: Path, state: dict[str, Any], config_yaml: str, hf_config: dict[str, Any],
+def write_rank0_files(path: Path, state: TrainingState, config_yaml: str, hf_config: dict[str, Any],
                       tokenizer_file: Path | None) -> None:
-    atomic_write_json(state, path / STATE_FILE)
+    atomic_write_json(state.to_dict(), path / STATE_FILE)
     (path / CONFIG_FILE).write_text(config_yaml)
     (path / MODEL_CONFIG_FILE).write_text(json.dumps(hf_config, indent=1, sort_keys=True))
     if tokenizer_file is not None:
@@ -403,18 +400,18 @@ def apply_retention(root: Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def save(engine, env: DistEnv, run_dir: Path, state: dict[str, Any], *, config_yaml: str, hf_config: dict[str, Any],
+def save(engine, env: DistEnv, run_dir: Path, state: TrainingState, *, config_yaml: str, hf_config: dict[str, Any],
          tokenizer_file: Path | None, save_hf: bool, keep_last: int) -> Path:
     """Collective: every rank calls it at the same step. Returns the complete checkpoint's directory."""
     root = checkpoints_root(run_dir)
-    path = root / tag_for(state["step"])
+    path = root / tag_for(state.step)
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():  # left by a save that died, or by a run resumed from an older checkpoint
             discard(path)
     barrier()
     engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, save_latest=False)
-    failpoint("checkpoint.after_engine_save", rank=env.rank, step=state["step"])
+    failpoint("checkpoint.after_engine_save", rank=env.rank, step=state.step)
     save_rng_state(path / "rng" / f"rank_{env.rank:05d}.pt")
     if env.is_main:
         write_rank0_files(path, state, config_yaml, hf_config, tokenizer_file)
@@ -423,7 +420,7 @@ def save(engine, env: DistEnv, run_dir: Path, state: dict[str, Any], *, config_y
     flush_rank_files(path, env.rank)
     barrier()  # every rank's files are on disk
     if env.is_main:
-        write_marker(path, state["step"], state["tokens"], state["consumed_samples"])
+        write_marker(path, state.step, state.tokens, state.consumed_samples)
         for old in apply_retention(root, keep_last):
             log.info("retention: removed %s", old.name)
     barrier()  # nobody runs after_checkpoint hooks before the marker exists

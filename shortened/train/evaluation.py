@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from shortened.config import ConfigError, RunConfig
-from shortened.train.hooks import StepContext
+from shortened.train.hooks import StepContext, TrainerHook
 
 if TYPE_CHECKING:  # the evaluation stack (lm-eval, datasets) is imported only when inline evaluation is on
     from shortened.eval.hook import InlineEvaluator
@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the evaluation stack (lm-eval, datasets) is imported only w
 log = logging.getLogger(__name__)
 
 
-class InlineEvaluation:
+class InlineEvaluation(TrainerHook):
     """A trainer hook around `shortened.eval.hook.InlineEvaluator` (RNG states and train mode are restored by the
     loop around every hook, and the evaluator records failing tasks instead of raising)."""
 
@@ -43,7 +43,7 @@ class InlineEvaluation:
             self.evaluator(ctx.model, ctx.step, ctx.tokens)
 
 
-class WatchNotice:
+class WatchNotice(TrainerHook):
     """eval.mode=watch: say, once, how to start the watcher for this run."""
 
     def before_training(self, ctx: StepContext) -> None:
@@ -52,7 +52,7 @@ class WatchNotice:
                      "`python launch/eval_watch.py --run %s` (on another GPU or node)", ctx.run_dir)
 
 
-def evaluation_hooks(config: RunConfig) -> list[object]:
+def evaluation_hooks(config: RunConfig) -> list[TrainerHook]:
     if config.eval.mode == "inline":
         return [InlineEvaluation(config)]
     if config.eval.mode == "watch":

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from shortened.train.checkpoint import (DEEPSPEED_TAG, MODEL_CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError,
                                         marker_problem)
+from shortened.train.state import TrainingState
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -47,7 +48,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
     problem = marker_problem(path)
     if problem is not None:
         raise CheckpointError(f"{path}: not a complete checkpoint ({problem}); only complete ones are exported")
-    precision = json.loads((path / STATE_FILE).read_text())["precision"]
+    precision = TrainingState.read(path / STATE_FILE).precision
     dtype = dtype or precision
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -1,6 +1,6 @@
 """The seam for work that runs inside the training loop without being part of it (inline evaluation).
 
-A hook is any object with any of the methods
+A hook is a `TrainerHook` (or any object with some of its methods):
 
     before_training(ctx: StepContext)   once, after the engine is built (and resumed), before the first step:
                                         the place for collective set-up and for failing fast on bad settings
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -38,15 +38,27 @@ class StepContext:
     checkpoint: Path | None = None
 
 
-class TrainerHook(Protocol):
-    def before_training(self, ctx: StepContext) -> None: ...
-
-    def after_step(self, ctx: StepContext) -> None: ...
-
-    def after_checkpoint(self, ctx: StepContext) -> None: ...
+HookPoint = Literal["before_training", "after_step", "after_checkpoint"]
 
 
-def call_hooks(hooks: Sequence[object], method: str, ctx: StepContext) -> None:
+class TrainerHook:
+    """Base of the trainer's hooks: override the methods you need, the others do nothing.
+
+    Subclassing is for the type checker; at run time any object with some of these methods is a hook (call_hooks
+    looks them up by name), as the hooks users pass to `cpt_main` have always been.
+    """
+
+    def before_training(self, ctx: StepContext) -> None:
+        pass
+
+    def after_step(self, ctx: StepContext) -> None:
+        pass
+
+    def after_checkpoint(self, ctx: StepContext) -> None:
+        pass
+
+
+def call_hooks(hooks: Sequence[TrainerHook], method: HookPoint, ctx: StepContext) -> None:
     for hook in hooks:
         fn = getattr(hook, method, None)
         if fn is None:

@@ -28,7 +28,7 @@ from shortened.train.distributed import (DistEnv, all_gather_ints, all_reduce_su
 from shortened.train.ds_config import build_deepspeed_config
 from shortened.train.engine import apply_optim_settings, build_engine, cpu_has_bf16_kernels, load_model
 from shortened.train.failpoints import failpoint
-from shortened.train.hooks import StepContext, call_hooks
+from shortened.train.hooks import StepContext, TrainerHook, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
 from shortened.fsutil import atomic_write_json
 from shortened.train.plan import RunPlan, plan_run, training_state
@@ -54,7 +54,7 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def train(config: RunConfig, hooks: Sequence[object] = ()) -> TrainResult:
+def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
     """Run (or resume) the job described by `config` on this rank; collective over all ranks."""
     stop = StopRequest().install()  # first: a preemption during start-up still gets its checkpoint
     env = setup_distributed(config.train.dist_timeout_s)
@@ -63,7 +63,7 @@ def train(config: RunConfig, hooks: Sequence[object] = ()) -> TrainResult:
         if plan.start_step >= plan.budget.stop_step:
             log.info("step %d already reaches the stop at step %d: nothing to train", plan.start_step,
                      plan.budget.stop_step)
-            return TrainResult(plan.start_step, plan.consumed_samples * plan.identity["seq_len"], "done",
+            return TrainResult(plan.start_step, plan.consumed_samples * plan.identity.seq_len, "done",
                                plan.checkpoint.path if plan.checkpoint else None)
         seed_everything(config.train.seed + env.rank)
         engine = _build(config, env, plan)
@@ -110,79 +110,120 @@ def _resume(engine, config: RunConfig, env: DistEnv, plan: RunPlan, checkpoint: 
         seed_everything(config.train.seed + env.rank + 1_000_003 * plan.start_step)
 
 
-def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequence[object],
+@dataclass
+class LoopState:
+    """What the loop carries from one step to the next (a checkpoint records its step and consumed samples)."""
+
+    step: int  # optimizer steps done
+    consumed_samples: int
+    last_checkpoint: Path | None  # the newest complete checkpoint, named when training stops on a bad loss
+    skips_in_a_row: int = 0  # non-finite steps just before this one, against train.max_consecutive_skips
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """What one optimizer step measured (the loss reduced over all ranks)."""
+
+    loss: float  # mean over ranks and micro-batches
+    lr: float  # the rate the step's update used
+    applied: bool  # False when the update was skipped (non-finite gradients)
+    grad_norm: float | None  # None when DeepSpeed has none or it is not finite
+    step_time: float
+    phases: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """What stays fixed while the loop runs, and the log lines and hook contexts are computed from."""
+
+    env: DistEnv
+    model: torch.nn.Module  # the engine's module, given to hooks
+    seq_len: int
+    step_tokens: int
+    flops_per_token: float
+    peak: float | None  # the device's peak FLOP/s, None when unknown (no MFU then)
+    run_dir: Path
+    tokenizer_file: Path | None
+
+    def tokens(self, state: LoopState) -> int:
+        return state.consumed_samples * self.seq_len
+
+    def hook_context(self, state: LoopState, loss: float) -> StepContext:
+        return StepContext(step=state.step, tokens=self.tokens(state), step_tokens=self.step_tokens,
+                           consumed_samples=state.consumed_samples, loss=loss, model=self.model, run_dir=self.run_dir,
+                           rank=self.env.rank, world_size=self.env.world_size, tokenizer_file=self.tokenizer_file)
+
+
+def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequence[TrainerHook],
           stop: StopRequest) -> TrainResult:
     train_cfg, budget = config.train, plan.budget
-    step, consumed = plan.start_step, plan.consumed_samples
-    seq_len = plan.identity["seq_len"]
+    state = LoopState(step=plan.start_step, consumed_samples=plan.consumed_samples,
+                      last_checkpoint=plan.checkpoint.path if plan.checkpoint else None)
+    seq_len = plan.identity.seq_len
+    run = LoopContext(env=env, model=engine.module, seq_len=seq_len, step_tokens=budget.tokens_per_step,
+                      flops_per_token=train_flops_per_token(engine.module.config, seq_len),
+                      peak=peak_flops(env.device, config.log.peak_tflops), run_dir=plan.run_dir,
+                      tokenizer_file=plan.tokenizer_file)
     batches = iter(_train_loader(config, env, plan))
     grad_accum = engine.gradient_accumulation_steps()
-    flops_per_token = train_flops_per_token(engine.module.config, seq_len)
-    peak = peak_flops(env.device, config.log.peak_tflops)
     logger = None
     if env.is_main:
-        logger = TrainLogger(plan.run_dir, start_step=step, start_tokens=consumed * seq_len,
+        logger = TrainLogger(plan.run_dir, start_step=state.step, start_tokens=run.tokens(state),
                              stop_tokens=budget.stop_step * budget.tokens_per_step, every_steps=config.log.every_steps,
                              tensorboard=config.log.tensorboard)
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
     timer = PhaseTimer(env.device, config.log.sync_timers)
-    skips_in_a_row = 0
-    last_checkpoint = plan.checkpoint.path if plan.checkpoint else None
-
-    def context(loss: float) -> StepContext:
-        return StepContext(step=step, tokens=consumed * seq_len, step_tokens=budget.tokens_per_step,
-                           consumed_samples=consumed, loss=loss, model=engine.module, run_dir=plan.run_dir,
-                           rank=env.rank, world_size=env.world_size, tokenizer_file=plan.tokenizer_file)
-
     try:
-        call_hooks(hooks, "before_training", context(math.nan))
+        call_hooks(hooks, "before_training", run.hook_context(state, math.nan))
         if logger is not None:
             logger.start_clock()
-        while step < budget.stop_step:
+        while state.step < budget.stop_step:
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             started = time.perf_counter()
             local_sum, sample_ids = _step(engine, batches, grad_accum, timer, env.device, config.log.sample_ids)
             # One collective per step carries the loss and whether any rank was asked to stop.
             loss_sum, stop_votes = all_reduce_sum([local_sum, float(bool(stop))], env.device)
             step_time = time.perf_counter() - started
-            step += 1
-            consumed += train_cfg.global_batch_size
-            mean_loss = loss_sum / (env.world_size * grad_accum)
-            applied = engine.was_step_applied()
-            record = _record(step, consumed, seq_len, mean_loss, lr, engine, applied, step_time, timer.pop(),
-                             budget.tokens_per_step, env, flops_per_token, peak)
+            state.step += 1
+            state.consumed_samples += train_cfg.global_batch_size
+            measured = StepMeasurement(loss=loss_sum / (env.world_size * grad_accum), lr=lr,
+                                       applied=engine.was_step_applied(), grad_norm=_grad_norm(engine),
+                                       step_time=step_time, phases=timer.pop())
+            record = _record(state, measured, run)
             if config.log.sample_ids:
                 record["sample_ids"] = all_gather_ints(sample_ids, env.device)
             try:
-                skips_in_a_row = _check_finite(mean_loss, applied, step, train_cfg, skips_in_a_row, last_checkpoint)
+                state.skips_in_a_row = _check_finite(measured, state, train_cfg)
             except NonFiniteLoss:
                 if logger is not None:
                     logger.log(record)
                 raise
             stopping = stop_votes > 0
             saved = None
-            if stopping or step % config.checkpoint.every_steps == 0 or step == budget.stop_step:
+            if stopping or state.step % config.checkpoint.every_steps == 0 or state.step == budget.stop_step:
                 save_started = time.perf_counter()
-                state = training_state(config, plan, env.world_size, step, consumed, engine.zero_optimization_stage())
-                saved = ckpt.save(engine, env, plan.run_dir, state, config_yaml=config_yaml, hf_config=plan.hf_config,
+                saved = ckpt.save(engine, env, plan.run_dir,
+                                  training_state(config, plan, env.world_size, state.step, state.consumed_samples,
+                                                 engine.zero_optimization_stage()),
+                                  config_yaml=config_yaml, hf_config=plan.hf_config,
                                   tokenizer_file=plan.tokenizer_file, save_hf=config.checkpoint.save_hf,
                                   keep_last=config.checkpoint.keep_last)
                 record["checkpoint_s"] = time.perf_counter() - save_started
-                last_checkpoint = saved
+                state.last_checkpoint = saved
             if logger is not None:
                 logger.log(record)
-            ctx = context(mean_loss)
+            ctx = run.hook_context(state, measured.loss)
             if saved is not None:
                 call_hooks(hooks, "after_checkpoint", dataclasses.replace(ctx, checkpoint=saved))
             call_hooks(hooks, "after_step", ctx)
-            failpoint("loop.after_step", rank=env.rank, step=step)
+            failpoint("loop.after_step", rank=env.rank, step=state.step)
             if stopping:
                 reason = stop.signal_name or "signal on another rank"
-                _say(logger, f"stopped by {reason} at step {step}: checkpoint {saved} is complete; "
+                _say(logger, f"stopped by {reason} at step {state.step}: checkpoint {saved} is complete; "
                              "run the same command again to resume")
-                return TrainResult(step, consumed * seq_len, reason, saved)
-        _say(logger, f"done: step {step}, {consumed * seq_len:,} tokens, checkpoint {last_checkpoint}")
-        return TrainResult(step, consumed * seq_len, "done", last_checkpoint)
+                return TrainResult(state.step, run.tokens(state), reason, saved)
+        _say(logger, f"done: step {state.step}, {run.tokens(state):,} tokens, checkpoint {state.last_checkpoint}")
+        return TrainResult(state.step, run.tokens(state), "done", state.last_checkpoint)
     finally:
         if logger is not None:
             logger.close()
@@ -250,18 +291,19 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return inputs
 
 
-def _check_finite(loss: float, applied: bool, step: int, train_cfg: TrainConfig, skips_in_a_row: int,
-                  last_checkpoint: Path | None) -> int:
-    """Consecutive skipped steps after this one; raises NonFiniteLoss when the policy says stop."""
-    if math.isfinite(loss) and applied:
+def _check_finite(measured: StepMeasurement, state: LoopState, train_cfg: TrainConfig) -> int:
+    """Consecutive skipped steps after `state.step`; raises NonFiniteLoss when the policy says stop."""
+    loss, step = measured.loss, state.step
+    if math.isfinite(loss) and measured.applied:
         return 0
     what = f"loss {loss}" if not math.isfinite(loss) else "non-finite gradients"
-    resume_hint = f"the newest complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+    last = state.last_checkpoint
+    resume_hint = f"the newest complete checkpoint is {last}" if last else "no checkpoint yet"
     if train_cfg.nan_policy == "stop":
         raise NonFiniteLoss(f"step {step}: {what}; the update was not applied and training stops "
                             f"(train.nan_policy=stop). {resume_hint}; resume from it with a lower optim.lr, or "
                             "set train.nan_policy=skip to skip such steps")
-    skips_in_a_row += 1
+    skips_in_a_row = state.skips_in_a_row + 1
     log.warning("step %d: %s, update skipped (%d in a row)", step, what, skips_in_a_row)
     if skips_in_a_row >= train_cfg.max_consecutive_skips:
         raise NonFiniteLoss(f"step {step}: {skips_in_a_row} non-finite steps in a row "
@@ -269,26 +311,29 @@ def _check_finite(loss: float, applied: bool, step: int, train_cfg: TrainConfig,
     return skips_in_a_row
 
 
-def _record(step: int, consumed: int, seq_len: int, loss: float, lr: float, engine, applied: bool, step_time: float,
-            phases: dict[str, float], step_tokens: int, env: DistEnv, flops_per_token: float,
-            peak: float | None) -> dict[str, Any]:
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
-    tokens_per_s = step_tokens / step_time
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None and math.isfinite(float(norm)) else None
+
+
+def _record(state: LoopState, measured: StepMeasurement, run: LoopContext) -> dict[str, Any]:
+    """The step's line of train_log.jsonl (its keys in this order)."""
+    tokens_per_s = run.step_tokens / measured.step_time
+    world_size = run.env.world_size
     return {
-        "step": step,
-        "tokens": consumed * seq_len,
-        "consumed_samples": consumed,
-        "loss": loss if math.isfinite(loss) else None,
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "skipped": not applied,
+        "step": state.step,
+        "tokens": run.tokens(state),
+        "consumed_samples": state.consumed_samples,
+        "loss": measured.loss if math.isfinite(measured.loss) else None,
+        "lr": measured.lr,
+        "grad_norm": measured.grad_norm,
+        "skipped": not measured.applied,
         "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": tokens_per_s / env.world_size,
-        "mfu": tokens_per_s * flops_per_token / (env.world_size * peak) if peak else None,
-        "step_time_s": step_time,
-        **{key: phases.get(key, 0.0) for key in ("data_wait_s", "fwd_bwd_s", "optim_s")},
-        "memory_gb": memory_gb(env.device),
+        "tokens_per_s_per_gpu": tokens_per_s / world_size,
+        "mfu": tokens_per_s * run.flops_per_token / (world_size * run.peak) if run.peak else None,
+        "step_time_s": measured.step_time,
+        **{key: measured.phases.get(key, 0.0) for key in ("data_wait_s", "fwd_bwd_s", "optim_s")},
+        "memory_gb": memory_gb(run.env.device),
         "time": time.time(),
     }
 

@@ -22,12 +22,12 @@ from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, t
 from shortened.data.shards import check_shards
 from shortened.data.sources import InputError, discover
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
-from shortened.train.checkpoint import (FORMAT_VERSION, Checkpoint, CheckpointError, architecture,
-                                        check_batch_position, check_compatible, ensure_universal, lock_run_dir,
-                                        resolve_resume)
+from shortened.train.checkpoint import (Checkpoint, CheckpointError, architecture, check_batch_position,
+                                        check_compatible, ensure_universal, lock_run_dir, resolve_resume)
 from shortened.train.distributed import DistEnv, broadcast_object
 from shortened.train.ds_config import read_base_config
 from shortened.train.engine import hf_config_dict, resolve_model_dir
+from shortened.train.state import FORMAT_VERSION, RunIdentity, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RunPlan:
     model_dir: Path
     tokenizer_file: Path | None
     hf_config: dict[str, Any]
-    identity: dict[str, Any]  # what a checkpoint must share with this run
+    identity: RunIdentity  # what a checkpoint must share with this run
     checkpoint: Checkpoint | None
     universal: bool  # the checkpoint's world size differs: load its universal form
     start_step: int
@@ -165,8 +165,8 @@ def check_data_fits(config: RunConfig, data: dict[str, Any], hf_config: dict[str
 
 def check_zero_stage(checkpoint: Checkpoint, deepspeed_config: str) -> None:
     stage = read_base_config(deepspeed_config).get("zero_optimization", {}).get("stage")
-    saved = checkpoint.state.get("zero_stage")
-    if saved is not None and stage != saved:
+    saved = checkpoint.state.zero_stage
+    if stage != saved:
         raise CheckpointError(f"{checkpoint.path} was written with ZeRO stage {saved}, deepspeed_config="
                               f"{deepspeed_config} has stage {stage}; resume with a stage-{saved} DeepSpeed config")
 
@@ -188,8 +188,8 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     model_dir = resolve_model_dir(config.model.init_from)
     data = data_identity(config, model_dir)
     hf_config = hf_config_dict(model_dir)
-    identity = {"seq_len": data["seq_len"], "tokenizer_sha256": data["tokenizer_sha256"],
-                "data_fingerprint": data["data_fingerprint"], "architecture": architecture(hf_config)}
+    identity = RunIdentity(seq_len=data["seq_len"], tokenizer_sha256=data["tokenizer_sha256"],
+                           data_fingerprint=data["data_fingerprint"], architecture=architecture(hf_config))
     tokenizer_file = model_tokenizer(model_dir, data["tokenizer_sha256"])
     check_data_fits(config, data, hf_config)
     checkpoint = resolve_resume(config.resume, run_dir)
@@ -199,12 +199,12 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
         check_batch_position(checkpoint, config.train.global_batch_size)
         check_zero_stage(checkpoint, config.deepspeed_config)
         state = checkpoint.state
-        start_step, consumed = state["step"], state["consumed_samples"]
-        universal = state["world_size"] != world_size
+        start_step, consumed = state.step, state.consumed_samples
+        universal = state.world_size != world_size
         if universal:
             ensure_universal(checkpoint, config.checkpoint.on_world_size_change)
         log.info("resuming from %s (step %d, %d tokens) on %d ranks%s", checkpoint.path, start_step,
-                 state["tokens"], world_size, f", re-partitioned from {state['world_size']}" if universal else "")
+                 state.tokens, world_size, f", re-partitioned from {state.world_size}" if universal else "")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     return RunPlan(run_dir=run_dir, model_dir=model_dir, tokenizer_file=tokenizer_file, hf_config=hf_config,
@@ -214,20 +214,19 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
 
 
 def training_state(config: RunConfig, plan: RunPlan, world_size: int, step: int, consumed_samples: int,
-                   zero_stage: int) -> dict[str, Any]:
-    """The content of a checkpoint's training_state.json."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "consumed_samples": consumed_samples,
-        "tokens": consumed_samples * plan.identity["seq_len"],
-        "world_size": world_size,
-        "global_batch_size": config.train.global_batch_size,
-        "micro_batch_size": config.train.micro_batch_size,
-        "zero_stage": zero_stage,
-        "precision": config.train.precision,
-        "config_hash": config_hash(config),
-        "identity": plan.identity,
-        "versions": {"deepspeed": deepspeed.__version__, "torch": torch.__version__},
-    }
-
+                   zero_stage: int) -> TrainingState:
+    """What a checkpoint at `step` records in its training_state.json."""
+    return TrainingState(
+        format_version=FORMAT_VERSION,
+        step=step,
+        consumed_samples=consumed_samples,
+        tokens=consumed_samples * plan.identity.seq_len,
+        world_size=world_size,
+        global_batch_size=config.train.global_batch_size,
+        micro_batch_size=config.train.micro_batch_size,
+        zero_stage=zero_stage,
+        precision=config.train.precision,
+        config_hash=config_hash(config),
+        identity=plan.identity,
+        versions={"deepspeed": deepspeed.__version__, "torch": torch.__version__},
+    )
