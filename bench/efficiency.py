@@ -108,8 +108,9 @@ def generate_once(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, 
 
 
 def measure_model(model_dir: Path, args: argparse.Namespace) -> list[dict]:
-    from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dtype
     from tqdm import tqdm
+
+    from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -100,7 +100,8 @@ def breakdown(args: argparse.Namespace) -> None:
     variants = {"as shipped": [], "2 loader workers": ["data.num_workers=2"]}
     rows = {name: run(name.replace(" ", "-"), out, 2, [*common, *extra]) for name, extra in variants.items()}
     print(f"\nCPU step-time breakdown, tiny-cpu recipe ({recipe.train.global_batch_size} x {recipe.data.seq_len} "
-          f"tokens/step, 2 ranks, data.num_workers={recipe.data.num_workers}), mean of steps {args.warmup + 1}..{steps} "
+          f"tokens/step, 2 ranks, data.num_workers={recipe.data.num_workers}), "
+          f"mean of steps {args.warmup + 1}..{steps} "
           "without a save:")
     print(f"  {'variant':<18} {'data wait':>16} {'fwd+bwd':>16} {'optimizer':>16} {'step':>9} {'tokens/s':>9} "
           f"{'save':>7} {'save share':>10}")
@@ -140,10 +141,12 @@ def throughput(args: argparse.Namespace) -> None:
     base = rows[0][2]
     print(f"\n{args.geometry}: seq {seq}, micro {micro}, grad-accum {args.grad_accum}, {args.nproc} rank(s), "
           f"mean of steps {args.warmup + 1}..{args.steps - 1}")
-    print(f"  {'variant':<14} {'tokens/s':>10} {'tok/s/GPU':>10} {'vs zero2':>9} {'MFU':>7} {'step s':>8} {'peak GB':>8}")
+    print(f"  {'variant':<14} {'tokens/s':>10} {'tok/s/GPU':>10} {'vs zero2':>9} {'MFU':>7} {'step s':>8} "
+          f"{'peak GB':>8}")
     for name, tps, per_gpu, mfu, step, memory in rows:
         mfu_text = f"{mfu:.1%}" if mfu is not None else "-"
-        print(f"  {name:<14} {tps:10.0f} {per_gpu:10.0f} {per_gpu / base:8.2f}x {mfu_text:>7} {step:8.3f} {memory:8.1f}")
+        print(f"  {name:<14} {tps:10.0f} {per_gpu:10.0f} {per_gpu / base:8.2f}x {mfu_text:>7} {step:8.3f} "
+              f"{memory:8.1f}")
 
 
 

@@ -121,7 +121,8 @@ def deepspeed_cmd(run_dir: Path, model: Path, shards: Path, sizes: Sizes, steps:
     return ["deepspeed", "--num_gpus", 2, "--master_port", free_port(), "launch/cpt.py", "--config", RECIPE,
             f"model.init_from={model}", f"data.path={shards}", f"data.seq_len={sizes.seq_len}",
             f"train.max_tokens={tokens}", f"optim.warmup_steps={max(1, steps // 20)}",
-            f"checkpoint.every_steps={max(1, steps // 3)}", "log.every_steps=10", f"train.precision={train_precision()}",
+            f"checkpoint.every_steps={max(1, steps // 3)}", "log.every_steps=10",
+            f"train.precision={train_precision()}",
             f"run_dir={run_dir}", *extra]
 
 

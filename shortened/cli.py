@@ -53,18 +53,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--field-name` flag per field of `cls` (see `shortened.config.setting` for the metadata it reads).
 
     A bool that defaults to False is `--x`, one that defaults to True is `--no-x`; a Literal gives choices; a
-    list takes several words (or one comma-separated word with `sep`); fields with the same `one_of` form a
-    mutually exclusive group. A field without a default, or marked `required`, must be given.
+    list takes several words (or one comma-separated word with `sep`). A field without a default, or marked
+    `required`, must be given. Rules between fields (exactly one of --remove / --ratio / --keep-blocks) are the
+    dataclass's `__post_init__`'s, checked there once.
     """
     hints = typing.get_type_hints(cls)
-    groups: dict[str, Any] = {}  # one_of name -> its mutually exclusive group
     for f in dataclasses.fields(cls):
-        group = f.metadata.get("one_of")
-        if group and group not in groups:
-            groups[group] = parser.add_mutually_exclusive_group()
-        target = groups[group] if group else parser
         flag, options = _flag(f, hints[f.name])
-        target.add_argument(flag, dest=f.name, **options)
+        parser.add_argument(flag, dest=f.name, **options)
 
 
 def _flag(f: dataclasses.Field, hint: Any) -> tuple[str, dict[str, Any]]:

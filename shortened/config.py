@@ -34,7 +34,7 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Call
 
     `factory` is for mutable defaults (lists, sections). Extra keywords are command-line hints read by
     `shortened.cli.add_dataclass_arguments`: `required=True` (the flag must be given), `sep=","` (a list written
-    as one comma-separated word), `one_of="name"` (flags of one mutually exclusive group).
+    as one comma-separated word).
     """
     metadata = {"help": help, **cli}
     if factory is not None:
@@ -243,11 +243,10 @@ class PruneConfig:
         "ppl", "block importance: calibration perplexity without the block, first-order Taylor, weight magnitude, "
                "block influence (1 - cosine of input and output), angular distance")
     # None, not 0, is "not given", so that `--remove 0` is reported as a wrong count rather than a missing one.
-    remove: int | None = setting(None, "number of blocks to remove (exactly one of remove / ratio / keep_blocks)",
-                                 one_of="size")
+    remove: int | None = setting(None, "number of blocks to remove (exactly one of remove / ratio / keep_blocks)")
     ratio: float | None = setting(None, "fraction of all parameters to remove; see shortened/prune/budget.py for the "
-                                        "block count", one_of="size")
-    keep_blocks: int | None = setting(None, "number of blocks to keep", one_of="size")
+                                        "block count")
+    keep_blocks: int | None = setting(None, "number of blocks to keep")
     calib: str = setting("", ".txt / .jsonl / .jsonl.zst file, a directory of them, or a token-shard directory",
                          required=True)
     calib_field: str = setting("text", "JSON field holding the text (jsonl input)")

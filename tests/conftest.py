@@ -20,6 +20,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 
+# The pruning tests' trained tiny model and calibration windows, shared by the prune and LoRA tests.
+from prune_fixtures import model_dir, windows  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def tokenizer_model() -> Path:

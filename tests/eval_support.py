@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import EVAL_DATA, TOKENIZER_MODEL
-
 from shortened.config import EvalConfig
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
+
+from conftest import EVAL_DATA, TOKENIZER_MODEL
 
 ZERO_SHOT = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SLIMPAJAMA_SAMPLE
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.prune.calibration import calibration_windows
 from shortened.tokenizer import load_tokenizer
+
+from conftest import SLIMPAJAMA_SAMPLE
 
 CALIB = SLIMPAJAMA_SAMPLE / "validation"
 CALIB_SAMPLES, CALIB_LEN = 8, 64  # smaller than the published 10 x 128 only to keep the test model's training short

@@ -10,8 +10,9 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from conftest import ROOT, shard_documents, subprocess_env
 from shortened.data.prepare import PrepareConfig, prepare_shards
+
+from conftest import ROOT, shard_documents, subprocess_env
 
 
 def zst(data: bytes) -> bytes:

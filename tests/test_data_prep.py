@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from conftest import ROOT, read_original_documents, shard_documents, subprocess_env
 from shortened.data.prepare import PrepareConfig, prepare_shards
 from shortened.data.shards import PackedShards, ShardFormatError, read_header
+
+from conftest import ROOT, read_original_documents, shard_documents, subprocess_env
 
 PREP = [sys.executable, str(ROOT / "data_prep" / "slimpajama.py")]
 

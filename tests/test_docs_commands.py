@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, subprocess_env
 from shortened.config import ConfigError, RunConfig, load_config
+
+from conftest import ROOT, subprocess_env
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docker" / "README.md"]
 LAUNCHERS = {"deepspeed", "torchrun", "srun", "sbatch", "docker"}

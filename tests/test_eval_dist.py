@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import yaml
-from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, free_port, subprocess_env
 
 from shortened.config import EvalConfig
 from shortened.data.prepare import PrepareConfig, prepare_shards
 from shortened.eval.suite import EvalSuite
 from shortened.modeling import build_tiny_llama
+
+from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, free_port, subprocess_env
 
 TIMEOUT_S = 10
 

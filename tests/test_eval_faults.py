@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, subprocess_env
 
 from shortened.config import EvalConfig
 from shortened.eval.report import paper_table
 from shortened.eval.rows import MalformedMirrorError, check_file
 from shortened.eval.suite import EvalSuite
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
+
+from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, subprocess_env
 
 ROWS = 20  # of the real PIQA rows, enough for accuracies that move when one row is scored wrongly
 BAD_LINE = 5
@@ -97,7 +98,7 @@ def test_a_file_without_a_valid_row_fails_the_task_naming_it(tmp_path, model):
     [acc] = [r for r in piqa_rows(mirror, model) if r["task"] == "piqa"]
     assert acc["status"] == "failed" and acc["value"] is None
     assert f"{mirror / 'piqa' / 'validation.jsonl'}: no row can be scored" in acc["error"]
-    assert f"validation.jsonl:1: label: -1 is not one of 0, 1" in acc["error"]
+    assert "validation.jsonl:1: label: -1 is not one of 0, 1" in acc["error"]
 
 
 def _set(field, value):

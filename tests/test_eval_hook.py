@@ -13,7 +13,6 @@ import lm_eval
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL_DATA
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
@@ -26,6 +25,8 @@ from shortened.eval.results import read_results
 from shortened.eval.tasks import lm_eval_tasks_dir
 from shortened.modeling import build_tiny_llama
 from shortened.tokenizer import load_tokenizer
+
+from conftest import EVAL_DATA
 
 STEPS, BATCH, SEQ = 8, 4, 48
 STEP_TOKENS = BATCH * SEQ

@@ -5,11 +5,12 @@ import json
 
 import pytest
 import yaml
-from conftest import EVAL_DATA
 
 from shortened.config import ConfigError
 from shortened.eval.mirror import MirrorError, check_mirror, prepare, read_rows, write_lm_eval_overrides
 from shortened.eval.tasks import load_task_table, select_tasks
+
+from conftest import EVAL_DATA
 
 
 def _local_source(hub, split):

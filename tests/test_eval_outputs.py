@@ -7,13 +7,14 @@ import sys
 
 import matplotlib.image
 import pytest
-from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, subprocess_env
 
 from shortened.eval.curves import collect
 from shortened.eval.report import paper_table, summary
 from shortened.eval.results import append_rows, failed_row, ok_row, read_results, stamp
 from shortened.eval.single import resolve_model_dir
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
+
+from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, subprocess_env
 
 
 def test_a_torn_line_costs_only_itself(tmp_path):

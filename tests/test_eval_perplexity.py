@@ -6,14 +6,15 @@ import math
 import numpy as np
 import sentencepiece as spm
 import torch
-from conftest import EVAL_DATA
-from eval_support import eval_config
 
 from shortened.eval.mirror import read_rows
 from shortened.eval.perplexity import make_windows, perplexity, stream_ids
 from shortened.eval.suite import EvalSuite
 from shortened.modeling import build_tiny_llama
 from shortened.tokenizer import load_tokenizer
+
+from conftest import EVAL_DATA
+from eval_support import eval_config
 
 
 def _hand_ppl(model, ids: list[int], seq_len: int) -> tuple[float, int]:

@@ -5,11 +5,12 @@ import json
 
 import sentencepiece as spm
 import torch
-from conftest import EVAL_DATA
 
 from shortened.eval.hf_tokenizer import SentencePieceHFTokenizer
 from shortened.eval.zero_shot import build_lm
 from shortened.modeling import build_tiny_llama
+
+from conftest import EVAL_DATA
 
 
 def _strings(value):

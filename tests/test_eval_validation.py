@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 import torch
-from eval_support import eval_config
 
 from shortened.data.prepare import PrepareConfig, prepare_shards
 from shortened.data.shards import open_shards
 from shortened.eval.suite import EvalSuite
 from shortened.modeling import build_tiny_llama
+
+from eval_support import eval_config
 
 
 @pytest.fixture(scope="module")

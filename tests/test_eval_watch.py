@@ -11,14 +11,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EVAL_DATA, ROOT, subprocess_env
-from eval_support import write_checkpoint
 
 from shortened.config import EvalConfig
 from shortened.eval.mirror import MirrorError
 from shortened.eval.results import read_results
-from shortened.eval.watch import (Checkpoint, WatchError, WatchState, _exclusive, clean_launcher_env,
-                                  complete_checkpoints, load_watch_config, pending, spawn_watcher, watch)
+from shortened.eval.watch import (
+    Checkpoint,
+    WatchError,
+    WatchState,
+    _exclusive,
+    clean_launcher_env,
+    complete_checkpoints,
+    load_watch_config,
+    pending,
+    spawn_watcher,
+    watch,
+)
+
+from conftest import EVAL_DATA, ROOT, subprocess_env
+from eval_support import write_checkpoint
 
 
 def _run_dir(tmp_path: Path, limit: int = 4) -> Path:

@@ -10,8 +10,6 @@ import lm_eval
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import EVAL_DATA
-from eval_support import ZERO_SHOT, eval_config
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
@@ -21,6 +19,9 @@ from shortened.eval.suite import EvalSuite
 from shortened.eval.tasks import lm_eval_tasks_dir
 from shortened.modeling import build_tiny_llama
 from shortened.tokenizer import load_tokenizer
+
+from conftest import EVAL_DATA
+from eval_support import ZERO_SHOT, eval_config
 
 LIMIT = 16
 # The offline override of eval/README.md, written out by hand: lm-eval's own YAML, the mirror's files.

@@ -14,8 +14,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import EVAL_DATA, ROOT, subprocess_env
-from prune_fixtures import model_dir  # noqa: F401
 from shortened.config import LoraTrainConfig, from_dict
 from shortened.fsutil import truncate_log
 from shortened.prune.instruct import IGNORE_INDEX, collate, encode_example, prompt_for, read_alpaca
@@ -23,6 +21,8 @@ from shortened.prune.lora import ResumeMismatch, StepPlan, merge_lora, train_lor
 from shortened.prune.lora_checkpoint import complete_checkpoints, save_checkpoint
 from shortened.rng import load_rng_state
 from shortened.tokenizer import load_tokenizer
+
+from conftest import EVAL_DATA, ROOT, subprocess_env
 
 # Small and quick for CI: 24 examples, batch 4 (2 x 2), 2 epochs = 12 steps; a higher lr than the recipe's 1e-4 so
 # that a few steps move a randomly initialised model visibly.

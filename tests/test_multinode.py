@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from conftest import free_port
 from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
+
+from conftest import free_port
 from train_support import CPT, GLOBAL_BATCH, RECIPE, Job, deepspeed, overrides, read_log, run_ok
 
 pytestmark = pytest.mark.timeout(600)

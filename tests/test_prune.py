@@ -13,8 +13,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig, Qwen2Config
 
-from conftest import ROOT, subprocess_env
-from prune_fixtures import CALIB, CALIB_LEN, CALIB_SAMPLES, IDENTITY, NUM_LAYERS, model_dir, windows  # noqa: F401
 from shortened.config import ConfigError, PruneConfig, from_dict
 from shortened.modeling import block_param_count, build_tiny_llama, param_count, save_with_tokenizer, vicuna_7b_config
 from shortened.prune.blocks import UnsupportedModelError, remove_blocks, skip_blocks
@@ -24,6 +22,9 @@ from shortened.prune.importance import CRITERIA, SCORERS, perplexity
 from shortened.prune.pruner import prune
 from shortened.prune.selection import select_blocks
 from shortened.tokenizer import load_tokenizer
+
+from conftest import ROOT, subprocess_env
+from prune_fixtures import CALIB, CALIB_LEN, CALIB_SAMPLES, IDENTITY, NUM_LAYERS
 
 FP32 = torch.float32
 
@@ -230,8 +231,8 @@ def test_vicuna_ratio_to_block_count_table():
     sizes = {n: round(param_count(vicuna_7b_config(n)) / 1e9, 1) for n in kept.values()}
     assert sizes == {26: 5.5, 17: 3.7, 12: 2.7, 6: 1.5}
     assert blocks_to_remove(32, total, block, keep=26) == 6
-    with pytest.raises(ValueError, match="exactly one"):
-        blocks_to_remove(32, total, block, remove=3, ratio=0.2)
+    with pytest.raises(ConfigError, match="exactly one"):  # checked once, by the config every caller builds
+        from_dict(PruneConfig, {"model": "m", "out": "o", "calib": "c", "remove": 3, "ratio": 0.2})
     with pytest.raises(ValueError, match="at least one must go"):
         blocks_to_remove(32, total, block, ratio=0.001)
 

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from conftest import EVAL_DATA, SLIMPAJAMA_SAMPLE
 from shortened.prune.calibration import CalibrationError, calibration_windows, read_documents
 from shortened.tokenizer import load_tokenizer
+
+from conftest import EVAL_DATA, SLIMPAJAMA_SAMPLE
 
 WIKITEXT = EVAL_DATA / "wikitext2"
 SLIM_FILE = SLIMPAJAMA_SAMPLE / "validation" / "chunk1" / "example_holdout_0.jsonl.zst"
@@ -51,7 +52,8 @@ def test_custom_field_and_errors_name_the_file_and_the_fix(tokenizer, tmp_path):
     assert calibration_windows(good, tokenizer, 2, 64, seed=0, field="body").shape == (2, 64)
     with pytest.raises(CalibrationError, match=r"body.jsonl:1: no string field 'text'; pass --calib-field"):
         calibration_windows(good, tokenizer, 2, 64, seed=0)
-    with pytest.raises(CalibrationError, match=r"only 0 of which have >= 4096 tokens; 2 samples of 4096 tokens need 2 documents.*--calib-len"):
+    with pytest.raises(CalibrationError, match=r"only 0 of which have >= 4096 tokens; 2 samples of 4096 tokens "
+                                               r"need 2 documents.*--calib-len"):
         calibration_windows(good, tokenizer, 2, 4096, seed=0, field="body")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": \n')

@@ -4,10 +4,11 @@ from __future__ import annotations
 import importlib.util
 import json
 
-from conftest import ROOT
-from prune_fixtures import CALIB, CALIB_LEN, CALIB_SAMPLES, NUM_LAYERS, model_dir  # noqa: F401
 from shortened.config import PruneConfig, from_dict
 from shortened.prune.pruner import prune
+
+from conftest import ROOT
+from prune_fixtures import CALIB, CALIB_LEN, CALIB_SAMPLES, NUM_LAYERS
 
 
 def load_bench():

@@ -15,12 +15,12 @@ import typing
 from pathlib import Path
 
 import pytest
+from test_train_state import sample_state
 
 from shortened.config import RunConfig, load_config, to_dict
 from shortened.train import checkpoint as ckpt
 from shortened.train.plan import check_zero_stage, plan_budget
 from shortened.train.resume_rules import RULES, rule_for
-from test_train_state import sample_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def remove_optimizer_shard(path: Path) -> str:
 def truncate_model_states(path: Path) -> str:
     file = path / ckpt.DEEPSPEED_TAG / "mp_rank_00_model_states.pt"
     file.write_bytes(file.read_bytes()[:10])
-    return "mp_rank_00_model_states.pt has 10 bytes, complete.json recorded 100"
+    return "mp_rank_00_model_states.pt has 10 bytes, the marker recorded 100"
 
 
 @pytest.mark.parametrize("fault", [remove_deepspeed, remove_optimizer_shard, truncate_model_states, corrupt_state])

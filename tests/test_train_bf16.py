@@ -7,11 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from shortened.train import checkpoint as ckpt
+
 from train_support import (
-    GLOBAL_BATCH, PRECISION, SEQ, check_export_reproduces_the_master_weights, deepspeed, overrides, read_log, run_ok,
+    GLOBAL_BATCH,
+    PRECISION,
+    SEQ,
+    check_export_reproduces_the_master_weights,
+    deepspeed,
+    overrides,
+    read_log,
+    run_ok,
     same,
 )
-from shortened.train import checkpoint as ckpt
 
 pytestmark = [pytest.mark.timeout(900),
               pytest.mark.skipif(PRECISION == "bf16", reason="test_train_dist.py trains in bf16 on this CPU")]

@@ -1,5 +1,6 @@
-"""The trainer as users run it: real DeepSpeed (ZeRO-2; bf16, or fp32 where the CPU emulates bf16) on 2 CPU ranks, launched by `deepspeed`, `torchrun`
-or plain python, with real faults (kill -9 during a save, SIGTERM, a stuck rank, NaN weights).
+"""The trainer as users run it: real DeepSpeed (ZeRO-2; bf16, or fp32 where the CPU emulates bf16) on 2 CPU ranks,
+launched by `deepspeed`, `torchrun` or plain python, with real faults (kill -9 during a save, SIGTERM, a stuck
+rank, NaN weights).
 
 One straight 16-step run is the reference; every interrupted or re-partitioned run is compared to it step by
 step: bitwise where the arithmetic is the same, within float tolerance where the reduction order differs.
@@ -17,11 +18,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port
-from train_support import (
-    BIN, CPT, GLOBAL_BATCH, HALF, HOOK_SCRIPT, PRECISION, RECIPE, SEQ, STEPS, Job,
-    check_export_reproduces_the_master_weights, close, deepspeed, overrides, python, read_log, run_ok, same,
-)
 from shortened.config import ConfigError, RunConfig, load_config
 from shortened.data.loader import SequenceDataset, collate
 from shortened.data.sampler import GlobalOrderSampler
@@ -32,6 +28,28 @@ from shortened.train.engine import load_model, lr_factor
 from shortened.train.export import export_hf
 from shortened.train.loop import model_inputs
 from shortened.train.plan import decide_plan
+
+from conftest import free_port
+from train_support import (
+    BIN,
+    CPT,
+    GLOBAL_BATCH,
+    HALF,
+    HOOK_SCRIPT,
+    PRECISION,
+    RECIPE,
+    SEQ,
+    STEPS,
+    Job,
+    check_export_reproduces_the_master_weights,
+    close,
+    deepspeed,
+    overrides,
+    python,
+    read_log,
+    run_ok,
+    same,
+)
 
 pytestmark = pytest.mark.timeout(900)
 KILL_TIMEOUT_S = 30  # train.dist_timeout_s of the kill -9 run
@@ -322,8 +340,11 @@ def test_a_checkpoint_that_differs_from_the_config_fails_fast_naming_the_differe
     other_tok = work / "shards_other_tokenizer"
     shutil.copytree(train_shards_64, other_tok)
     manifest = json.loads((other_tok / "manifest.json").read_text())
-    manifest["tokenizer_sha256"] = "0" * 64
+    real_sha, manifest["tokenizer_sha256"] = manifest["tokenizer_sha256"], "0" * 64
     (other_tok / "manifest.json").write_text(json.dumps(manifest))
+    for entry in manifest["shards"]:  # each shard's header names its tokenizer too (same length: offsets stay)
+        shard = other_tok / entry["file"]
+        shard.write_bytes(shard.read_bytes().replace(real_sha.encode(), b"0" * 64, 1))
     bare_model = work / "model_without_tokenizer"
     shutil.copytree(tiny_init_model, bare_model)
     (bare_model / "tokenizer.model").unlink()
@@ -399,7 +420,8 @@ def test_a_stuck_rank_ends_the_job_within_the_collective_timeout(work, train_sha
     assert waited < 2 * STUCK_TIMEOUT_S + 5, f"rank 0 waited {waited:.0f} s for a stuck peer with " \
                                               f"train.dist_timeout_s={STUCK_TIMEOUT_S}"
     assert rc != 0
-    assert "lost contact with another rank" in job.output() and f"Timed out waiting {STUCK_TIMEOUT_S * 1000}ms" in job.output()
+    assert "lost contact with another rank" in job.output()
+    assert f"Timed out waiting {STUCK_TIMEOUT_S * 1000}ms" in job.output()
 
 
 # ---------------------------------------------------------------------------------------------- inline evaluation

@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import subprocess_env
-from train_support import CPT, GLOBAL_BATCH, RECIPE, overrides
 from shortened.config import RunConfig, load_config
 from shortened.data.loader import SequenceDataset, collate
 from shortened.data.sampler import GlobalOrderSampler
@@ -24,6 +22,9 @@ from shortened.data.shards import HEADER_BYTES, PackedShards, read_header
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train.loop import TokenOutOfRange, check_token_range
 from shortened.train.plan import check_data_fits
+
+from conftest import subprocess_env
+from train_support import CPT, GLOBAL_BATCH, RECIPE, overrides
 
 pytestmark = pytest.mark.timeout(300)
 DATA_SEED = 1234  # the recipe's data.seed

@@ -66,7 +66,8 @@ def test_vicuna_recipes_match_the_published_setup(recipe):
     blocks, budget = {"5.5b": (26, 37e9), "3.7b": (17, 74e9), "2.7b": (12, 150e9), "1.5b": (6, 271e9)}[
         recipe.stem.split("-")[1]]
     assert str(blocks) in recipe.read_text().splitlines()[0]
-    assert (config.train.global_batch_size, config.train.micro_batch_size, config.train.grad_accum_steps(8)) == (512, 2, 32)
+    train = config.train
+    assert (train.global_batch_size, train.micro_batch_size, train.grad_accum_steps(8)) == (512, 2, 32)
     assert config.train.max_tokens == budget and config.data.seq_len == 2048 and config.train.precision == "bf16"
     assert (config.optim.lr, config.optim.betas, config.optim.weight_decay) == (1e-4, (0.9, 0.95), 0.1)
     assert [config.train.grad_accum_steps(w) for w in (1, 2, 4, 16)] == [256, 128, 64, 16]
@@ -87,7 +88,8 @@ def test_a_deepspeed_json_that_disagrees_with_the_run_config_is_an_error(tmp_pat
     json_path = tmp_path / "ds.json"
     json_path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}))
     config = config_with(tmp_path, overrides=[f"deepspeed_config={json_path}"])
-    with pytest.raises(ConfigError, match=r"ds\.json: train_micro_batch_size_per_gpu=4 disagrees .*train\.micro_batch_size"):
+    with pytest.raises(ConfigError,
+                       match=r"ds\.json: train_micro_batch_size_per_gpu=4 disagrees .*train\.micro_batch_size"):
         build_deepspeed_config(config, 1, on_cuda=False)
     json_path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"params": {"lr": 0.5}}}))
     with pytest.raises(ConfigError, match=r"optimizer\.params\.lr=0\.5 disagrees .*optim"):
@@ -111,7 +113,9 @@ def test_bad_config_values_name_the_key(tmp_path):
 
 
 def test_warmup_then_cosine_to_the_floor_at_the_budget():
-    factor = lambda s, kind="cosine": lr_factor(s, warmup_steps=10, total_steps=110, schedule=kind, min_lr_ratio=0.1)
+    def factor(s: int, kind: str = "cosine") -> float:
+        return lr_factor(s, warmup_steps=10, total_steps=110, schedule=kind, min_lr_ratio=0.1)
+
     assert [factor(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert factor(60) == pytest.approx(0.55)
     assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)

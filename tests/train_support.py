@@ -11,8 +11,9 @@ from pathlib import Path
 
 import psutil
 
-from conftest import free_port, subprocess_env
 from shortened.train.engine import cpu_has_bf16_kernels
+
+from conftest import free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"

@@ -57,7 +57,8 @@ class PrepStats:
         return cls(**data)
 
     def summary(self) -> str:
-        lines = [f"documents {self.docs_total:,}   tokens {self.tokens_total:,}   text {self.bytes_total / 1e6:,.1f} MB"]
+        lines = [f"documents {self.docs_total:,}   tokens {self.tokens_total:,}   "
+                 f"text {self.bytes_total / 1e6:,.1f} MB"]
         for name, entry in self.sources.items():
             lines.append(f"  {name:<24} docs {entry['docs']:>10,}  tokens {entry['tokens']:>14,}  "
                          f"MB {entry['bytes'] / 1e6:>10,.1f}")

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
-from multiprocessing.pool import AsyncResult, Pool
 import os
 import shutil
 import socket
@@ -22,6 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing.pool import AsyncResult, Pool
 from pathlib import Path
 from typing import Iterator
 
@@ -102,7 +102,8 @@ def _prepare(config: PrepareConfig, output: Path, files: list[InputFile], tokeni
     packer = _Packer(config, output, work, state, tokenizer.sha256, token_dtype(tokenizer.vocab_size))
     sizes_known = all(f.size_hint for f in files)  # a streamed dataset has no sizes: count its shards instead
     total = sum(f.size_hint for f in files) if sizes_known else len(units)
-    with _UnitResults(config, files, units, work, state.next_unit) as results, _progress(config, total, sizes_known) as bar:
+    with (_UnitResults(config, files, units, work, state.next_unit) as results,
+          _progress(config, total, sizes_known) as bar):
         for unit, result in results:
             packer.consume(unit, files[unit.file_index], result)
             bar.update(_unit_bytes(unit, files[unit.file_index]) if sizes_known else 1)

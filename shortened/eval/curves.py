@@ -37,7 +37,6 @@ def plot_curves(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter
 
     series = collect(run_dirs)

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from shortened.config import EvalConfig
+from shortened.eval.mirror import check_mirror
 from shortened.eval.report import paper_table, summary
 from shortened.eval.results import stamp
-from shortened.eval.mirror import check_mirror
 from shortened.eval.suite import EvalSuite, ModelFileError
 
 

@@ -31,26 +31,24 @@ def blocks_to_remove(
     total_params: int,
     block_params: int,
     *,
-    remove: int = 0,
-    ratio: float = 0.0,
-    keep: int = 0,
+    remove: int | None = None,
+    ratio: float | None = None,
+    keep: int | None = None,
     protect_first: int = 0,
     protect_last: int = 0,
 ) -> int:
-    """Resolve exactly one of `remove`, `ratio`, `keep` (the others 0) to a block count in 1..num_blocks-1 that
-    leaves the protected blocks in place."""
-    given = [(name, value) for name, value in (("--remove", remove), ("--ratio", ratio), ("--keep-blocks", keep))
-             if value]
-    if len(given) != 1:
-        raise PruneInputError(f"give exactly one of --remove, --ratio, --keep-blocks "
-                              f"(got {', '.join(name for name, _ in given) or 'none'})")
-    if remove:
-        count = remove
-    elif keep:
-        count = num_blocks - keep
+    """Resolve the one of `remove`, `ratio`, `keep` that is given (PruneConfig checks there is exactly one) to a
+    block count in 1..num_blocks-1 that leaves the protected blocks in place."""
+    if remove is not None:
+        count, asked = remove, f"--remove {remove}"
+    elif keep is not None:
+        count, asked = num_blocks - keep, f"--keep-blocks {keep}"
+    elif ratio is not None:
+        count, asked = blocks_for_ratio(ratio, total_params, block_params), f"--ratio {ratio}"
     else:
-        count = blocks_for_ratio(ratio, total_params, block_params)
-    asked = f"{given[0][0]} {given[0][1]}" + ("" if remove else f" removes {count} blocks")
+        raise ValueError("one of remove, ratio, keep must be given")
+    if remove is None:
+        asked += f" removes {count} blocks"
     if not 1 <= count < num_blocks:
         raise PruneInputError(f"{asked}, but the model has {num_blocks} blocks: at least one must go and one must "
                               "stay")

@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dty
 from shortened.prune.instruct import IGNORE_INDEX, Example, collate, encode_example, read_alpaca
 from shortened.prune.lora_checkpoint import complete_checkpoints, load_checkpoint, remove_leftovers, save_checkpoint
 from shortened.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # peft is imported when training starts
+    from peft import PeftModel
 
 # Fields that do not change what is trained; a resumed run may differ in them.
 _RESUME_FREE_FIELDS = ("save_every_steps", "keep_last", "device")
@@ -156,7 +160,7 @@ def _resume_hash(config: LoraTrainConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-def _resume_or_start(out: Path, config: LoraTrainConfig, model: nn.Module,
+def _resume_or_start(out: Path, config: LoraTrainConfig, model: PeftModel,
                      optimizer: torch.optim.Optimizer) -> int:
     """The step to start from: 0 for a new run, else that of the newest complete checkpoint (restored)."""
     out.mkdir(parents=True, exist_ok=True)

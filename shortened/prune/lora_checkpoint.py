@@ -15,13 +15,16 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from shortened.fsutil import discard_directory, read_marker, seal_directory, sealed_damage
 from shortened.rng import capture_rng_state, load_rng_state, restore_rng_state
+
+if TYPE_CHECKING:  # peft is imported when LoRA runs
+    from peft import PeftModel
 
 MARKER = "complete.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -35,7 +38,7 @@ def checkpoint_path(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+def save_checkpoint(root: Path, step: int, model: PeftModel, optimizer: torch.optim.Optimizer, state: dict,
                     keep_last: int) -> Path:
     """Write checkpoint `step` (marker last), then drop all but the newest `keep_last` complete ones."""
     root.mkdir(parents=True, exist_ok=True)
@@ -43,7 +46,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     if path.exists():  # left by a save that died, or by a run resumed from an older checkpoint
         discard_directory(path, MARKER)
     path.mkdir()
-    model.save_pretrained(path)  # PEFT writes the adapter only: adapter_model.safetensors + adapter_config.json
+    model.save_pretrained(str(path))  # PEFT writes the adapter only: adapter_model.safetensors + adapter_config.json
     torch.save(optimizer.state_dict(), path / OPTIMIZER_FILE)
     torch.save(capture_rng_state(), path / RNG_FILE)
     (path / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -97,11 +100,11 @@ def remove_leftovers(root: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: PeftModel, optimizer: torch.optim.Optimizer) -> dict:
     """Restore adapter weights, optimizer and RNG from `path`; returns its trainer_state.json."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
+    result: Any = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))  # load_state_dict's named tuple
     if result.unexpected_keys:
         raise ValueError(f"{path}: adapter does not fit this model (unexpected {result.unexpected_keys[:3]})")
     optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))

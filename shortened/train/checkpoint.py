@@ -22,8 +22,8 @@ import json
 import logging
 import os
 import re
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -34,12 +34,21 @@ from typing import Any
 
 import yaml
 
+from shortened.fsutil import (
+    atomic_write_json,
+    discard_directory,
+    file_sizes,
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    sealed_damage,
+)
 from shortened.modeling import save_with_tokenizer
 from shortened.train.distributed import DistEnv, barrier
 from shortened.train.failpoints import failpoint
-from shortened.fsutil import atomic_write_json, fsync_dir, fsync_file, fsync_tree, remove_tree
 from shortened.train.resume_rules import config_changes, rule_for
 from shortened.train.rng import save_rng_state
+
 # CheckpointError and FORMAT_VERSION live with the state they describe; callers know them as checkpoint.*
 from shortened.train.state import FORMAT_VERSION, CheckpointError, RunIdentity, TrainingState  # noqa: F401
 
@@ -154,13 +163,9 @@ def damage(checkpoint: Checkpoint) -> str | None:
     A marker from before the file list only allows the readability checks.
     """
     path = checkpoint.path
-    listed = json.loads((path / MARKER).read_text()).get("files", {})
-    for name, size in listed.items():
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != size:
-            return f"{file} has {file.stat().st_size} bytes, {MARKER} recorded {size}"
+    problem = sealed_damage(path, json.loads((path / MARKER).read_text()))
+    if problem is not None:
+        return problem
     for name in (STATE_FILE, CONFIG_FILE):
         try:
             (json.loads if name == STATE_FILE else yaml.safe_load)((path / name).read_text())
@@ -365,21 +370,12 @@ def flush_rank_files(path: Path, rank: int) -> None:
 def write_marker(path: Path, step: int, tokens: int, consumed_samples: int) -> None:
     """The completion marker, listing every file of the checkpoint with its size so a resume can check it cheaply."""
     atomic_write_json({"step": step, "tokens": tokens, "consumed_samples": consumed_samples, "time": time.time(),
-                       "files": file_sizes(path)}, path / MARKER)
-
-
-def file_sizes(path: Path) -> dict[str, int]:
-    return {str(file.relative_to(path)): file.stat().st_size for file in sorted(path.rglob("*"))
-            if file.is_file() and file.name != MARKER}
+                       "files": file_sizes(path, MARKER)}, path / MARKER)
 
 
 def discard(path: Path) -> None:
     """Remove a checkpoint directory: its marker first, so a crash half-way leaves it merely incomplete."""
-    marker = path / MARKER
-    if marker.exists():
-        marker.unlink()
-        fsync_dir(path)
-    remove_tree(path)
+    discard_directory(path, MARKER)
 
 
 def apply_retention(root: Path, keep_last: int) -> list[Path]:

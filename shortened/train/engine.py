@@ -29,7 +29,8 @@ def resolve_model_dir(init_from: str) -> Path:
         return Path(snapshot_download(init_from, local_files_only=True))
     except Exception as err:  # huggingface_hub raises several types for "not cached" / "bad id"
         raise ConfigError(f"model.init_from={init_from}: neither a directory nor a hub id in the local cache "
-                          f"({type(err).__name__}); download it first, e.g. `huggingface-cli download {init_from}`") from None
+                          f"({type(err).__name__}); download it first, e.g. "
+                          f"`huggingface-cli download {init_from}`") from None
 
 
 def hf_config_dict(model_dir: Path) -> dict[str, Any]:

@@ -16,8 +16,14 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shortened.train.checkpoint import (DEEPSPEED_TAG, MODEL_CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError,
-                                        marker_problem)
+from shortened.train.checkpoint import (
+    DEEPSPEED_TAG,
+    MODEL_CONFIG_FILE,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    CheckpointError,
+    marker_problem,
+)
 from shortened.train.state import TrainingState
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,22 @@ from torch.utils.data import DataLoader
 from shortened.config import RunConfig, TrainConfig, to_dict
 from shortened.data.loader import build_train_loader
 from shortened.data.streaming import StreamSpec, build_streaming_loader
+from shortened.fsutil import atomic_write_json
 from shortened.modeling import train_flops_per_token
 from shortened.train import checkpoint as ckpt
-from shortened.train.distributed import (DistEnv, all_gather_ints, all_reduce_sum, apply_timeout_to_all_groups,
-                                         setup_distributed, shutdown)
+from shortened.train.distributed import (
+    DistEnv,
+    all_gather_ints,
+    all_reduce_sum,
+    apply_timeout_to_all_groups,
+    setup_distributed,
+    shutdown,
+)
 from shortened.train.ds_config import build_deepspeed_config
 from shortened.train.engine import apply_optim_settings, build_engine, cpu_has_bf16_kernels, load_model
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, TrainerHook, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
-from shortened.fsutil import atomic_write_json
 from shortened.train.plan import RunPlan, plan_run, training_state
 from shortened.train.rng import load_rng_state, restore_rng_state, seed_everything
 from shortened.train.signals import StopRequest, ignore_stop_signals
@@ -231,7 +237,8 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
 
 def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
     """This rank's micro-batches from `plan.consumed_samples` on: shards in the global order, or the raw stream."""
-    layout: dict[str, Any] = dict(global_batch_size=config.train.global_batch_size, micro_batch_size=config.train.micro_batch_size,
+    layout: dict[str, Any] = dict(global_batch_size=config.train.global_batch_size,
+                                  micro_batch_size=config.train.micro_batch_size,
                   dp_rank=env.rank, dp_world_size=env.world_size, consumed_samples=plan.consumed_samples,
                   num_workers=config.data.num_workers, pin_memory=env.device.type == "cuda",
                   document_mask=config.data.document_mask, worker_init_fn=ignore_stop_signals)

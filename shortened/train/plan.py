@@ -22,8 +22,16 @@ from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, t
 from shortened.data.shards import check_shards
 from shortened.data.sources import InputError, discover
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
-from shortened.train.checkpoint import (Checkpoint, CheckpointError, architecture, check_batch_position,
-                                        check_compatible, ensure_universal, lock_run_dir, resolve_resume)
+from shortened.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    architecture,
+    check_batch_position,
+    check_compatible,
+    ensure_universal,
+    lock_run_dir,
+    resolve_resume,
+)
 from shortened.train.distributed import DistEnv, broadcast_object
 from shortened.train.ds_config import read_base_config
 from shortened.train.engine import hf_config_dict, resolve_model_dir
@@ -103,7 +111,8 @@ def data_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
     manifest = check_shards(config.data.path)  # cheap: presence, sizes and headers; CRCs are checked on read
     if manifest["seq_len"] != config.data.seq_len:
         raise ConfigError(
-            f"data.seq_len={config.data.seq_len}, but the shards in {config.data.path} hold {manifest['seq_len']}-token "
+            f"data.seq_len={config.data.seq_len}, but the shards in {config.data.path} hold "
+            f"{manifest['seq_len']}-token "
             f"sequences; set data.seq_len={manifest['seq_len']} or prepare shards with --seq-len {config.data.seq_len}"
         )
     if not manifest["num_sequences"]:
