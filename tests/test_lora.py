@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,7 +192,8 @@ def test_bad_instruction_data_names_file_and_record(tmp_path):
 class _Adapter(torch.nn.Linear):
     """Stands in for a PEFT model: save_pretrained writes the adapter file, as PEFT does."""
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, save_directory: str) -> None:
+        path = Path(save_directory)  # PEFT takes a str
         path.mkdir(parents=True, exist_ok=True)
         save_file({"w": self.weight.detach().clone()}, path / "adapter_model.safetensors")
 
