@@ -438,7 +438,7 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
         (mirror / task).mkdir(parents=True)
         shutil.copyfile(EVAL_DATA / task / f"{split}.jsonl", mirror / task / f"{split}.jsonl")
     broken = mirror / "piqa" / "validation.jsonl"
-    broken.write_bytes(broken.read_bytes()[:-40])  # a download cut short mid-row
+    broken.write_text("<html><body>503 Service Unavailable</body></html>\n")  # an error page saved as the data
     run_dir = work / "inline_eval"
     run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}",
                                   "eval.mode=inline", "eval.every_steps=4", f"eval.data_dir={mirror}",
