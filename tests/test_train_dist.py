@@ -464,7 +464,7 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
     assert "wikitext2 ppl" in console and "FAILED: piqa" in console
     assert "wikitext2: 100%" not in console
     assert "wikitext2: 100%" in (run_dir / "logs" / "eval_rank0.log").read_text()
-    assert "Failed to load JSON" in (run_dir / "logs" / "eval_rank1.log").read_text()  # the datasets reader's own words
+    assert (run_dir / "logs" / "eval_rank1.log").is_file()  # every rank's scorer output has its file
 
 
 # ---------------------------------------------------------------------------------------------- streamed raw input
