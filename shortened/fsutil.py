@@ -6,12 +6,14 @@ never share one, and `remove_stale_temps` clears what a killed process left.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def temp_path(path: Path) -> Path:
@@ -165,3 +167,32 @@ def truncate_log(path: Path, last_step: int) -> None:
         if not redone:
             kept.append(line + "\n")
     atomic_write_bytes("".join(kept).encode(), path)
+
+
+# ------------------------------------------------------------------------------ one job per directory
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` is what it wrote there ("pid N on HOST")."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def take_lock(path: Path, posix: bool = False) -> IO[str]:
+    """Lock `path` exclusively without waiting and write "pid N on HOST" into it; the open handle holds the lock
+    (the kernel drops it when the process dies, however it dies). `posix`: lockf, which forked children do not
+    inherit, instead of flock. Raises LockHeld naming the holder."""
+    handle = open(path, "a+")
+    try:
+        (fcntl.lockf if posix else fcntl.flock)(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, depending on the system
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise LockHeld(holder) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle

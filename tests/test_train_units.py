@@ -15,6 +15,7 @@ from shortened.config import ConfigError, RunConfig, load_config
 from shortened.data.loader import build_train_loader
 from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama
+from shortened.rng import capture_rng_state, restore_rng_state
 from shortened.train import checkpoint as ckpt
 from shortened.train.distributed import first_host, launch_variables
 from shortened.train.ds_config import build_deepspeed_config
@@ -23,7 +24,6 @@ from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.loop import model_inputs
 from shortened.train.metrics import TrainLogger, truncate_log
 from shortened.train.plan import plan_budget
-from shortened.train.rng import capture_rng_state, restore_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "cpt").glob("*.yaml"))

@@ -10,13 +10,11 @@ byte-identical. One data prep at a time holds an output (a lock on OUTPUT/.lock)
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -42,7 +40,7 @@ from shortened.data.shards import (
 )
 from shortened.data.sources import InputError, InputFile, WorkUnit, auto_unit_bytes, discover, plan_units
 from shortened.data.tokenize_worker import UnitResult, UnitTask, init_worker, load_unit_result, tokenize_unit
-from shortened.fsutil import atomic_write_json, file_sha256, fsync_dir, remove_stale_temps
+from shortened.fsutil import LockHeld, atomic_write_json, file_sha256, fsync_dir, remove_stale_temps, take_lock
 from shortened.tokenizer import Tokenizer, load_tokenizer
 
 WORK_DIR = ".work"
@@ -471,21 +469,13 @@ def _locked(output: Path) -> Iterator[None]:
     alone does not leave its lock held by orphaned workers; it also holds across NFS clients."""
     try:
         output.mkdir(parents=True, exist_ok=True)
-        handle = open(output / LOCK_NAME, "a+")
+        handle = take_lock(output / LOCK_NAME, posix=True)
+    except LockHeld as held:
+        raise ConfigError(f"{output} is in use by another data prep ({held.holder}); wait for it or choose another "
+                          "--output") from None
     except OSError as err:
         raise ConfigError(f"{output}: cannot create the output there ({err.strerror}); choose another --output"
                           ) from None
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, depending on the system
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"{output} is in use by another data prep ({holder}); wait for it or choose another "
-                          "--output") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
     try:
         yield
     finally:

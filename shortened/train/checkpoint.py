@@ -17,13 +17,10 @@ A save writes everything, every rank flushes its files, a barrier, then rank 0 w
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +32,7 @@ from typing import Any
 import yaml
 
 from shortened.fsutil import (
+    LockHeld,
     atomic_write_json,
     discard_directory,
     file_sizes,
@@ -42,12 +40,13 @@ from shortened.fsutil import (
     fsync_file,
     fsync_tree,
     sealed_damage,
+    take_lock,
 )
 from shortened.modeling import save_with_tokenizer
+from shortened.rng import save_rng_state
 from shortened.train.distributed import DistEnv, barrier
 from shortened.train.failpoints import failpoint
 from shortened.train.resume_rules import config_changes, rule_for
-from shortened.train.rng import save_rng_state
 
 # CheckpointError and FORMAT_VERSION live with the state they describe; callers know them as checkpoint.*
 from shortened.train.state import FORMAT_VERSION, CheckpointError, RunIdentity, TrainingState  # noqa: F401
@@ -119,19 +118,11 @@ def lock_run_dir(run_dir: Path) -> None:
     if run_dir in _held_locks:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise CheckpointError(f"{run_dir} is in use by another training job ({holder}); wait for it to end or "
+        _held_locks[run_dir] = take_lock(run_dir / LOCK_FILE)
+    except LockHeld as held:
+        raise CheckpointError(f"{run_dir} is in use by another training job ({held.holder}); wait for it to end or "
                               "choose another run_dir") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    _held_locks[run_dir] = handle
 
 
 # ---------------------------------------------------------------------------------------------- finding

@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from shortened.train.rng import preserved_rng
+from shortened.rng import preserved_rng
 
 
 @dataclass(frozen=True)

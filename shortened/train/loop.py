@@ -23,6 +23,7 @@ from shortened.data.loader import build_train_loader
 from shortened.data.streaming import StreamSpec, build_streaming_loader
 from shortened.fsutil import atomic_write_json
 from shortened.modeling import train_flops_per_token
+from shortened.rng import load_rng_state, restore_rng_state, seed_everything
 from shortened.train import checkpoint as ckpt
 from shortened.train.distributed import (
     DistEnv,
@@ -38,7 +39,6 @@ from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, TrainerHook, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
 from shortened.train.plan import RunPlan, plan_run, training_state
-from shortened.train.rng import load_rng_state, restore_rng_state, seed_everything
 from shortened.train.signals import StopRequest, ignore_stop_signals
 
 log = logging.getLogger(__name__)
