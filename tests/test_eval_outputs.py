@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import json
+import math
+import runpy
 import subprocess
 import sys
 
+import matplotlib.colors
 import matplotlib.image
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
-from shortened.eval.curves import collect
-from shortened.eval.report import paper_table, summary
-from shortened.eval.results import append_rows, failed_row, ok_row, read_results, stamp
+from shortened.eval.curves import collect, curves_figure
+from shortened.eval.report import paper_table, summary, write_summary
+from shortened.eval.results import append_rows, failed_row, mean_row, ok_row, read_results, stamp
 from shortened.eval.single import resolve_model_dir
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 
@@ -26,39 +31,147 @@ def test_a_torn_line_costs_only_itself(tmp_path):
     assert [(r["step"], r["value"]) for r in read_results(path)] == [(1, 0.5), (3, 0.6)]
 
 
+def _zero_shot(boolq: float, hellaswag: float, boolq_se: float | None = 0.01) -> list[dict]:
+    """Two mean members' rows (every metric lm-eval reports, one of them primary) and their mean row."""
+    members = [ok_row("boolq", "acc", boolq, boolq_se, primary=True),
+               ok_row("hellaswag", "acc_norm", hellaswag, 0.02, primary=True)]
+    return [*members, ok_row("hellaswag", "acc", hellaswag - 0.05, 0.02, primary=False), mean_row(members)]
+
+
 def _write_run(run_dir, shift: float) -> None:
     for step, tokens in ((100, 1_000_000), (200, 2_000_000), (300, 3_000_000)):
-        rows = [ok_row("boolq", "acc", 0.5 + shift + step / 1e4, 0.01, primary=True),
-                ok_row("hellaswag", "acc", 0.3, primary=False),
-                ok_row("hellaswag", "acc_norm", 0.35 + shift, primary=True),
-                ok_row("zero_shot_mean", "mean", 0.4 + shift, primary=True),
+        rows = [*_zero_shot(0.5 + shift + step / 1e4, 0.35 + shift, boolq_se=None if step == 300 else 0.01),
                 ok_row("wikitext2", "ppl", 30.0 - step / 100, primary=True),
                 ok_row("ptb", "ppl", 50.0 - step / 100, primary=True)]
         if step == 300:
             rows.append(failed_row("openbookqa", "acc_norm", "Traceback: OOM"))
         append_rows(run_dir / "results.jsonl", stamp(rows, run=run_dir.name, step=step, tokens=tokens, source="inline"))
     # the watcher re-evaluated step 200 later: the newer row is the one drawn
-    append_rows(run_dir / "results.jsonl", stamp([ok_row("boolq", "acc", 0.9, primary=True)], run=run_dir.name,
-                                                 step=200, tokens=2_000_000, source="watch"))
+    append_rows(run_dir / "results.jsonl", stamp([ok_row("boolq", "acc", 0.9, 0.03, primary=True)],
+                                                 run=run_dir.name, step=200, tokens=2_000_000, source="watch"))
 
 
-def test_curves_png_from_several_checkpoints_and_runs(tmp_path):
-    runs = [tmp_path / "ratio20", tmp_path / "ratio35"]
+def _runs_and_reference(tmp_path, reference_rows=None):
+    runs = [tmp_path / "cpt", tmp_path / "cpt-kd"]
     for shift, run in zip((0.0, -0.1), runs):
         run.mkdir()
         _write_run(run, shift)
-    series = collect(runs)
-    assert set(series) == {"boolq (acc)", "hellaswag (acc_norm)", "zero_shot_mean (mean)", "wikitext2 (ppl)",
-                           "ptb (ppl)"}  # failed and non-reported metrics are not drawn
-    assert series["boolq (acc)"]["ratio20"] == [(1_000_000, 0.51), (2_000_000, 0.9), (3_000_000, 0.53)]
-    assert set(series["wikitext2 (ppl)"]) == {"ratio20", "ratio35"}
+    reference = tmp_path / "source_eval.json"  # what launch/evaluate.py --output writes for the unpruned model
+    write_summary(reference, stamp(reference_rows or [*_zero_shot(0.8, 0.6), ok_row("wikitext2", "ppl", 12.0,
+                                                                                    primary=True)],
+                                   run="source", step=0, tokens=0, source="evaluate"))
+    return runs, reference
 
+
+def _panels(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+
+
+def _dashed(ax) -> list[float]:
+    return [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+
+
+def test_mean_row_names_its_members_and_combines_their_stderr():
+    members = [ok_row("boolq", "acc", 0.6, 0.03, primary=True), ok_row("piqa", "acc", 0.7, 0.04, primary=True)]
+    row = mean_row(members, seconds=2.0)
+    assert (row["task"], row["metric"], row["primary"], row["samples"]) == ("zero_shot_mean", "mean", True, 2)
+    assert row["value"] == pytest.approx(0.65) and row["stderr"] == pytest.approx(0.025)  # sqrt(.03²+.04²)/2
+    assert row["members"] == {"boolq": "acc", "piqa": "acc"}
+    members[1]["stderr"] = None
+    assert mean_row(members)["stderr"] is None  # a partial sum would understate it
+
+
+def test_curves_compare_runs_against_the_reference_model(tmp_path):
+    runs, reference = _runs_and_reference(tmp_path)
+    curves = collect(runs, ["pruned + CPT", "pruned + CPT + KD"])
+    assert set(curves.series) == {("boolq", "acc"), ("hellaswag", "acc_norm"), ("zero_shot_mean", "mean"),
+                                  ("wikitext2", "ppl"), ("ptb", "ppl")}  # failed and non-reported metrics: not drawn
+    assert curves.series[("boolq", "acc")]["pruned + CPT"] == [(1_000_000, 0.51, 0.01), (2_000_000, 0.9, 0.03),
+                                                              (3_000_000, 0.53, None)]
+    assert curves.mean_members == {(("boolq", "acc"), ("hellaswag", "acc_norm"))}
+
+    fig = curves_figure(runs, ["pruned + CPT", "pruned + CPT + KD"], reference, "source (unpruned)")
+    panels = _panels(fig)
+    assert list(panels) == ["boolq (acc)", "hellaswag (acc_norm)", "zero_shot_mean (mean)", "wikitext2 (ppl)",
+                            "ptb (ppl)"]  # in the order the suite ran them, the mean after its tasks
+    for title, ax in panels.items():
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert labels == ["pruned + CPT", "pruned + CPT + KD"] + (["source (unpruned)"] if title != "ptb (ppl)"
+                                                                  else []), title
+    assert _dashed(panels["boolq (acc)"]) == [0.8] and _dashed(panels["hellaswag (acc_norm)"]) == [0.6]
+    assert _dashed(panels["wikitext2 (ppl)"]) == [12.0] and _dashed(panels["ptb (ppl)"]) == []
+    source = json.loads(reference.read_text())
+    # the reference's mean over the runs' members is the one its own evaluation wrote (same tasks)
+    assert _dashed(panels["zero_shot_mean (mean)"]) == [source["zero_shot_mean"]["mean"]] == [pytest.approx(0.7)]
+
+    # the band of "pruned + CPT" on boolq: value ± stderr at 1M and 2M, none at 3M (no stderr there)
+    boolq = panels["boolq (acc)"]
+    line, band = boolq.get_lines()[0], boolq.collections[0]
+    assert band.get_facecolor()[0][:3] == pytest.approx(matplotlib.colors.to_rgb(line.get_color()))
+    assert band.get_alpha() == pytest.approx(0.2)
+    vertices = np.concatenate([path.vertices for path in band.get_paths()])
+    for x, low, high in ((1e6, 0.50, 0.52), (2e6, 0.87, 0.93)):
+        at = vertices[vertices[:, 0] == x][:, 1]
+        assert (at.min(), at.max()) == (pytest.approx(low), pytest.approx(high))
+    assert not (vertices[:, 0] == 3e6).any()
+    # the mean's band is the members' stderr combined (sqrt(.01² + .02²) / 2), where both have one
+    mean_band = panels["zero_shot_mean (mean)"].collections[0]
+    at = np.concatenate([p.vertices for p in mean_band.get_paths()])
+    assert np.ptp(at[at[:, 0] == 1e6][:, 1]) == pytest.approx(2 * math.sqrt(0.01**2 + 0.02**2) / 2)
+    assert not panels["wikitext2 (ppl)"].collections  # perplexities carry no stderr
+    assert fig.get_suptitle() == "shaded: ±1 stderr (lm-eval)"
+    # the two runs keep their colours across panels
+    assert [ln.get_color() for ln in panels["ptb (ppl)"].get_lines()] == [ln.get_color() for ln in boolq.get_lines()
+                                                                          if ln.get_linestyle() != "--"]
+    plt.close(fig)
+
+
+def test_no_reference_mean_when_the_reference_lacks_a_member_task(tmp_path):
+    runs, reference = _runs_and_reference(tmp_path, [ok_row("boolq", "acc", 0.8, 0.01, primary=True),
+                                                     failed_row("hellaswag", "acc_norm", "Traceback: OOM")])
+    fig = curves_figure(runs, reference=reference)
+    panels = _panels(fig)
+    assert _dashed(panels["boolq (acc)"]) == [0.8]
+    assert _dashed(panels["zero_shot_mean (mean)"]) == [] and _dashed(panels["hellaswag (acc_norm)"]) == []
+    assert [t.get_text() for t in panels["boolq (acc)"].get_legend().get_texts()] == ["cpt", "cpt-kd",
+                                                                                      "source (unpruned)"]
+    plt.close(fig)
+
+
+def test_plot_curves_cli(tmp_path):
+    runs, reference = _runs_and_reference(tmp_path)
     out = subprocess.run([sys.executable, str(ROOT / "launch/plot_curves.py"), *map(str, runs),
-                          "--output", str(tmp_path / "curves.png")],
+                          "--output", str(tmp_path / "curves.png"), "--reference", str(reference),
+                          "--label", "pruned + CPT", "--label", "pruned + CPT + KD"],
                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "curves.png")
     image = matplotlib.image.imread(tmp_path / "curves.png")
     assert image.shape[0] > 300 and image.shape[1] > 1000  # 5 panels in a 4-wide grid: two rows
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["{run}", "--reference", "missing.json"], "missing.json: no such reference file; write it with "
+                                               "`launch/evaluate.py"),
+    (["{run}", "--reference", "list.json"], "list.json: not the {task: {metric: value}} JSON"),
+    (["{run}", "--reference", "torn.json"], "torn.json: cannot read the reference as JSON"),
+    (["{run}", "{run}", "--label", "only one"], "1 label(s) for 2 run director(ies)"),
+    (["{run}", "{run}"], "run label(s) cpt given to more than one run"),
+    (["{run}", "{run}", "--label", "a", "--label", "b", "--label", "c"], "3 label(s) for 2 run director(ies)"),
+])
+def test_plot_curves_bad_input(argv, fragment, tmp_path, monkeypatch, capsys):
+    runs, _ = _runs_and_reference(tmp_path)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "torn.json").write_text('{"boolq": {"acc"')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "launch/plot_curves.py"),
+                                      *(arg.format(run=runs[0]) for arg in argv)])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(ROOT / "launch/plot_curves.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and fragment in err, err
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_paper_table_and_summary():

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import tempfile
 from pathlib import Path
 
 import lm_eval
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -68,8 +70,11 @@ def test_same_numbers_as_simple_evaluate(tokenizer_model):
             assert row["value"] == direct[f"{metric},none"], (task, metric)
             assert row["stderr"] == direct[f"{metric}_stderr,none"], (task, metric)
             assert row["samples"] == LIMIT and row["primary"] == (metric == paper_metric[task])
-    mean = ours[("zero_shot_mean", "mean")]["value"]
-    assert abs(mean - sum(ours[(t, m)]["value"] for t, m in paper_metric.items()) / 7) < 1e-12
+    mean = ours[("zero_shot_mean", "mean")]
+    assert abs(mean["value"] - sum(ours[(t, m)]["value"] for t, m in paper_metric.items()) / 7) < 1e-12
+    assert mean["members"] == paper_metric  # what plot_curves takes a reference model's mean over
+    assert mean["stderr"] == pytest.approx(math.sqrt(sum(ours[(t, m)]["stderr"] ** 2 for t, m in paper_metric.items()))
+                                           / 7)
 
 
 def _parity_prompt(n: int) -> str:

@@ -1,21 +1,56 @@
-"""`curves.png`: each task's reported metric against training tokens, one line per run, runs overlaid."""
+"""`curves.png`: each task's reported metric against training tokens, one line per run, runs overlaid.
+
+A reference model (the unpruned source, evaluated once by `launch/evaluate.py --output`) is a dashed horizontal
+line in every panel it has a value for; zero-shot points are shaded ±1 stderr as lm-eval reports it.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from shortened.eval.results import RESULTS_FILE, ZERO_SHOT_MEAN, read_results
 from shortened.eval.tasks import PERPLEXITY_METRIC
 
-Series = dict[str, dict[str, list[tuple[int, float]]]]  # panel -> run -> [(tokens, value)]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+MEAN_PANEL = (ZERO_SHOT_MEAN, "mean")
+VALIDATION_TASK = "validation"  # shortened.eval.validation.TASK; not imported, that module loads torch
+DEFAULT_REFERENCE_LABEL = "source (unpruned)"
+SHADING_NOTE = "shaded: ±1 stderr (lm-eval)"
+
+Panel = tuple[str, str]  # (task, metric)
+Reference = dict[str, dict[str, Any]]  # launch/evaluate.py's JSON: {task: {metric: value or None}}
 
 
-def collect(run_dirs: Sequence[str | Path]) -> Series:
-    """The reported metric of every ok row, per panel ("task (metric)") and run; the newest row per point wins."""
-    series: Series = {}
-    for run_dir in run_dirs:
-        run_dir = Path(run_dir)
+class CurvesInputError(ValueError):
+    """Labels that do not fit the runs, or a reference file that is not launch/evaluate.py's JSON."""
+
+
+class Point(NamedTuple):
+    tokens: int
+    value: float
+    stderr: float | None  # None where lm-eval gave none, and for perplexities and losses
+
+
+@dataclass
+class Curves:
+    runs: list[str]  # labels, in the order given
+    series: dict[Panel, dict[str, list[Point]]] = field(default_factory=dict)  # panel -> run label -> points
+    mean_members: set[tuple[tuple[str, str], ...]] = field(default_factory=set)  # of every mean row drawn
+
+
+def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None) -> Curves:
+    """The reported metric of every ok row, per panel and run (labelled by `labels`, else the directory name);
+    the newest row per point wins."""
+    curves = Curves(_labels(run_dirs, labels))
+    for run_dir, label in zip(map(Path, run_dirs), curves.runs):
         rows = read_results(run_dir / RESULTS_FILE)
         if not rows:
             raise FileNotFoundError(f"{run_dir / RESULTS_FILE}: no results to plot (is this a run directory?)")
@@ -24,47 +59,130 @@ def collect(run_dirs: Sequence[str | Path]) -> Series:
             if row.get("status") == "ok" and row.get("primary"):
                 latest[(row["task"], row["metric"], row["tokens"])] = row
         for (task, metric, tokens), row in latest.items():
-            series.setdefault(f"{task} ({metric})", {}).setdefault(run_dir.name, []).append((tokens, row["value"]))
-    for runs in series.values():
+            curves.series.setdefault((task, metric), {}).setdefault(label, []).append(
+                Point(tokens, row["value"], row.get("stderr")))
+            if (task, metric) == MEAN_PANEL:
+                # rows written before the mean named its members have none: no reference mean for them
+                curves.mean_members.add(tuple(sorted((row.get("members") or {}).items())))
+    for runs in curves.series.values():
         for points in runs.values():
             points.sort()
-    return series
+    return curves
 
 
-def plot_curves(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
-    """Draw every panel (zero-shot tasks, their mean, then perplexities on a log axis) into `output`."""
+def load_reference(path: str | Path) -> Reference:
+    """The `{task: {metric: value}}` JSON `launch/evaluate.py --output` writes (values only: it has no stderr)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such reference file; write it with "
+                                "`launch/evaluate.py --model SOURCE_MODEL ... --output FILE.json`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CurvesInputError(f"{path}: cannot read the reference as JSON ({err})") from None
+    if not (isinstance(data, dict) and all(isinstance(metrics, dict) for metrics in data.values())):
+        raise CurvesInputError(f"{path}: not the {{task: {{metric: value}}}} JSON `launch/evaluate.py --output` "
+                               "writes")
+    return data
+
+
+def reference_values(reference: Reference, curves: Curves) -> dict[Panel, float]:
+    """The reference's value for each panel of `curves` it has; the mean panel gets the reference's mean over the
+    runs' mean members, taken as `results.mean_row` takes it, and nothing when it cannot be the same mean."""
+    values = {panel: float(reference[panel[0]][panel[1]]) for panel in curves.series if panel != MEAN_PANEL
+              and _finite(reference.get(panel[0], {}).get(panel[1]))}
+    if MEAN_PANEL not in curves.series:
+        return values
+    if len(curves.mean_members) != 1 or () in curves.mean_members:
+        log.warning("no reference line for %s: the runs' mean rows do not all name the same member tasks",
+                    ZERO_SHOT_MEAN)
+        return values
+    members = next(iter(curves.mean_members))
+    missing = [f"{task} ({metric})" for task, metric in members if not _finite(reference.get(task, {}).get(metric))]
+    if missing:
+        log.warning("no reference line for %s: the reference has no %s", ZERO_SHOT_MEAN, ", ".join(missing))
+        return values
+    values[MEAN_PANEL] = sum(float(reference[task][metric]) for task, metric in members) / len(members)
+    return values
+
+
+def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,
+                  reference: str | Path | None = None, reference_label: str = DEFAULT_REFERENCE_LABEL) -> Figure:
+    """Every panel (zero-shot tasks, their mean, then perplexities on a log axis and the validation loss), runs
+    in the order given, each in one colour across panels; the caller saves and closes the figure."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.ticker import FuncFormatter
 
-    series = collect(run_dirs)
+    ref = load_reference(reference) if reference is not None else None  # a bad reference fails before the runs
+    curves = collect(run_dirs, labels)
+    ref_values = reference_values(ref, curves) if ref is not None else {}
+    colours = {label: f"C{i}" for i, label in enumerate(curves.runs)}
     # zero-shot tasks in the order the suite ran them, then their mean, then perplexities and losses
-    panels = sorted(series, key=lambda p: (_is_perplexity(p) or p.startswith("validation"),
-                                           p.startswith(ZERO_SHOT_MEAN)))
+    panels = sorted(curves.series, key=lambda p: (_is_perplexity(p) or p[0] == VALIDATION_TASK, p == MEAN_PANEL))
     columns = min(4, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    shaded = False
     for ax, panel in zip(axes.flat, panels):
-        for run, points in sorted(series[panel].items()):
-            ax.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, label=run)
-        ax.set_title(panel, fontsize=10)
+        for label, points in curves.series[panel].items():
+            tokens = np.array([p.tokens for p in points], dtype=float)
+            value = np.array([p.value for p in points], dtype=float)
+            ax.plot(tokens, value, marker="o", markersize=3, color=colours[label], label=label)
+            stderr = np.array([np.nan if p.stderr is None else p.stderr for p in points], dtype=float)
+            if not np.isnan(stderr).all():  # fill_between leaves a gap at a point without a stderr
+                ax.fill_between(tokens, value - stderr, value + stderr, color=colours[label], alpha=0.2, linewidth=0)
+                shaded = True
+        if panel in ref_values:
+            ax.axhline(ref_values[panel], color="black", linestyle="--", linewidth=1, label=reference_label)
+        ax.set_title(f"{panel[0]} ({panel[1]})", fontsize=10)
         ax.set_xlabel("training tokens")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
-        values = [v for points in series[panel].values() for _, v in points]
+        values = [p.value for points in curves.series[panel].values() for p in points]
         if _is_perplexity(panel) and min(values) > 0 and max(values) / min(values) > 3:
             ax.set_yscale("log")  # a pruned model starts at a PPL many times its final one
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    if shaded:
+        fig.suptitle(SHADING_NOTE, fontsize=8)
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None,
+                reference: str | Path | None = None, reference_label: str = DEFAULT_REFERENCE_LABEL) -> Path:
+    """`curves_figure(...)` saved as `output` (a PNG by its suffix)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(run_dirs, labels, reference, reference_label)
+    try:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(output, dpi=110)
+    finally:
+        plt.close(fig)
     return output
+
+
+def _labels(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[str]:
+    if labels is not None and len(labels) != len(run_dirs):
+        raise CurvesInputError(f"{len(labels)} label(s) for {len(run_dirs)} run director(ies): give one --label per "
+                               "run directory, in the same order, or none")
+    names = list(labels) if labels is not None else [Path(run_dir).name for run_dir in run_dirs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise CurvesInputError(f"run label(s) {', '.join(repeated)} given to more than one run (their lines would "
+                               "merge); give each run its own --label")
+    return names
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _tokens(x: float) -> str:
@@ -74,5 +192,5 @@ def _tokens(x: float) -> str:
     return f"{x:g}"
 
 
-def _is_perplexity(panel: str) -> bool:
-    return panel.endswith(f"({PERPLEXITY_METRIC})")
+def _is_perplexity(panel: Panel) -> bool:
+    return panel[1] == PERPLEXITY_METRIC

@@ -1,6 +1,8 @@
 """The paper-style table of one model's results and the `{task: {metric: value}}` summary."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
 from shortened.eval.results import ZERO_SHOT_MEAN
@@ -13,6 +15,13 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]
     for row in rows:
         out.setdefault(row["task"], {})[row["metric"]] = row["value"] if row["status"] == "ok" else None
     return out
+
+
+def write_summary(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """`summary(rows)` as the JSON `launch/evaluate.py --output` writes (and `plot_curves --reference` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary(rows), indent=1) + "\n")
 
 
 def paper_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -2,16 +2,18 @@
 
 A row: run, checkpoint, step, tokens, task, metric, value, stderr, primary (the metric the paper reports for the
 task), samples, seconds (the task's evaluation time), time (unix seconds when written), source (inline | watch |
-evaluate), status (ok | failed; then value is null and error holds the traceback).
+evaluate), status (ok | failed; then value is null and error holds the traceback). The zero-shot mean's row also
+has members ({task: metric} of the rows averaged), so a reference model's mean can be taken over the same tasks.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 RESULTS_FILE = "results.jsonl"
 ZERO_SHOT_MEAN = "zero_shot_mean"
@@ -23,6 +25,16 @@ def ok_row(task: str, metric: str, value: float, stderr: float | None = None, *,
            samples: int | None = None, seconds: float = 0.0) -> dict[str, Any]:
     return {"task": task, "metric": metric, "value": value, "stderr": stderr, "primary": primary,
             "samples": samples, "seconds": round(seconds, 3), "status": "ok"}
+
+
+def mean_row(members: Sequence[dict[str, Any]], seconds: float = 0.0) -> dict[str, Any]:
+    """The zero-shot mean of the member tasks' ok primary rows. Its stderr treats the tasks as independent samples,
+    sqrt(sum stderr_i^2) / n, and is None unless every member has one (a partial sum would understate it)."""
+    stderrs = [row["stderr"] for row in members]
+    stderr = None if None in stderrs else math.sqrt(sum(se * se for se in stderrs)) / len(members)
+    return {**ok_row(ZERO_SHOT_MEAN, "mean", sum(row["value"] for row in members) / len(members), stderr,
+                     primary=True, samples=len(members), seconds=seconds),
+            "members": {row["task"]: row["metric"] for row in members}}
 
 
 def failed_row(task: str, metric: str, error: str, seconds: float = 0.0) -> dict[str, Any]:

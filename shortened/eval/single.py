@@ -1,7 +1,6 @@
 """Evaluate one model (a directory or a hub id already in the local cache): `launch/evaluate.py`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +8,7 @@ import torch
 
 from shortened.config import EvalConfig
 from shortened.eval.mirror import check_mirror
-from shortened.eval.report import paper_table, summary
+from shortened.eval.report import paper_table, write_summary
 from shortened.eval.results import stamp
 from shortened.eval.suite import EvalSuite, ModelFileError
 
@@ -47,6 +46,5 @@ def evaluate_model(model_ref: str, config: EvalConfig, device: str | None = None
     rows = stamp(suite.run(model), run=str(model_ref), step=0, tokens=0, source="evaluate")
     print(paper_table(rows))
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(summary(rows), indent=1) + "\n")
+        write_summary(output, rows)
     return rows

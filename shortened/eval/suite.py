@@ -17,7 +17,7 @@ import torch
 from shortened.config import EvalConfig
 from shortened.eval.dist import EvalGroups, PeerFailure
 from shortened.eval.perplexity import PerplexityResult, task_windows
-from shortened.eval.results import ZERO_SHOT_MEAN, failed_row, ok_row
+from shortened.eval.results import ZERO_SHOT_MEAN, failed_row, mean_row, ok_row
 from shortened.eval.scoring import nll_sum
 from shortened.eval.tasks import LmEvalTask, PerplexityTask, TaskSpec, load_task_table, select_tasks
 from shortened.rng import preserved_rng_and_mode
@@ -168,13 +168,12 @@ class EvalSuite:
         members = [s for s in self.specs if isinstance(s, LmEvalTask) and s.in_mean]
         if not members:
             return []
-        values = {r["task"]: r["value"] for r in rows if r["status"] == "ok" and r["primary"]}
-        missing = [s.name for s in members if s.name not in values]
+        reported = {r["task"]: r for r in rows if r["status"] == "ok" and r["primary"]}
+        missing = [s.name for s in members if s.name not in reported]
         seconds = sum(r["seconds"] for r in rows if r["primary"] and r["task"] in {s.name for s in members})
         if missing:
             return [failed_row(ZERO_SHOT_MEAN, "mean", f"no result for {', '.join(missing)}", seconds)]
-        mean = float(np.mean([values[s.name] for s in members]))
-        return [ok_row(ZERO_SHOT_MEAN, "mean", mean, primary=True, samples=len(members), seconds=seconds)]
+        return [mean_row([reported[s.name] for s in members], seconds)]
 
 
 def _sentencepiece_file(path: str | Path) -> Path:
