@@ -2,7 +2,8 @@
 
 A plain torch loop stands in for the DeepSpeed trainer (tests/test_train_dist.py runs the real one), with everything
 that makes the trace depend on global RNGs: attention dropout (torch), batch sampling (numpy) and window offsets
-(python).
+(python). The evaluation runs as the trainer runs it: the `InlineEvaluation` hook through `call_hooks`, which owns
+the RNG and train-mode guard.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from shortened.config import ConfigError, EvalConfig
+from shortened.config import ConfigError, EvalConfig, RunConfig, TrainConfig
 from shortened.eval.hf_tokenizer import SentencePieceHFTokenizer
 from shortened.eval.hook import InlineEvaluator
 from shortened.eval.mirror import read_rows
@@ -25,6 +26,8 @@ from shortened.eval.results import read_results
 from shortened.eval.tasks import lm_eval_tasks_dir
 from shortened.modeling import build_tiny_llama
 from shortened.tokenizer import load_tokenizer
+from shortened.train.evaluation import InlineEvaluation
+from shortened.train.hooks import StepContext, call_hooks
 
 from conftest import EVAL_DATA
 
@@ -60,6 +63,8 @@ def _train(windows, after_step=None) -> list[float]:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
+    if after_step is not None:
+        after_step(model, 0, 0)
     for step in range(1, STEPS + 1):
         offset = random.randrange(8)
         batch = torch.as_tensor(windows[np.random.randint(len(windows), size=BATCH), offset:offset + SEQ])
@@ -73,25 +78,37 @@ def _train(windows, after_step=None) -> list[float]:
     return losses
 
 
+def hook_context(model, step: int, run_dir, tokenizer_model) -> StepContext:
+    return StepContext(step=step, tokens=step * STEP_TOKENS, step_tokens=STEP_TOKENS, consumed_samples=step * BATCH,
+                       loss=float("nan"), model=model, run_dir=run_dir, rank=0, world_size=1,
+                       tokenizer_file=tokenizer_model)
+
+
+def inline_evaluation(config: EvalConfig, run_dir, tokenizer_model):
+    """The trainer's hook, called the way the trainer calls it: before_training at the first call (the start of a
+    new run at step 0 evaluates), after_step from step 1 on."""
+    hook = InlineEvaluation(RunConfig(train=TrainConfig(max_steps=STEPS), eval=config))
+
+    def after_step(model, step, tokens):
+        if hook.evaluator is None:
+            call_hooks([hook], "before_training", hook_context(model, step, run_dir, tokenizer_model))
+        if step > 0:
+            call_hooks([hook], "after_step", hook_context(model, step, run_dir, tokenizer_model))
+
+    return after_step
+
+
 def test_loss_trace_bit_identical_and_failures_recorded(tmp_path, mirror, train_windows, tokenizer_model):
     config = EvalConfig(mode="inline", every_steps=3, tasks=["piqa", "boolq", "wikitext2"],
                         data_dir=str(mirror), limit=4, batch_size=4)
-    evaluator = InlineEvaluator(config, tmp_path / "run", tokenizer_model)
-    calls = []
-
-    def hook(model, step, tokens):
-        if evaluator.due(step, tokens, STEP_TOKENS):
-            calls.append(step)
-            evaluator(model, step, tokens)
-
     plain = _train(train_windows)
-    with_eval = _train(train_windows, hook)
-    assert calls == [3, 6] and len(with_eval) == STEPS  # the failing task did not stop training
+    with_eval = _train(train_windows, inline_evaluation(config, tmp_path / "run", tokenizer_model))
+    assert len(with_eval) == STEPS  # the failing task did not stop training
     assert with_eval == plain  # bit for bit
 
     rows = read_results(tmp_path / "run" / "results.jsonl")
-    assert sorted({r["step"] for r in rows}) == [3, 6]
-    for step in (3, 6):
+    assert sorted({r["step"] for r in rows}) == [0, 3, 6]  # the start of a new run, then every 3 steps
+    for step in (0, 3, 6):
         mine = {(r["task"], r["metric"]): r for r in rows if r["step"] == step}
         assert mine[("piqa", "acc")]["status"] == "ok" and mine[("wikitext2", "ppl")]["status"] == "ok"
         assert mine[("boolq", "acc")]["status"] == "failed" and "Traceback" in mine[("boolq", "acc")]["error"]
@@ -117,13 +134,14 @@ def test_lm_eval_alone_would_change_the_trace(tmp_path, train_windows, tokenizer
 
 
 def test_rng_and_mode_restored_even_when_everything_fails(tmp_path, tokenizer_model):
-    config = EvalConfig(tasks=["piqa", "wikitext2"], data_dir=str(tmp_path / "no-mirror"), limit=2)
-    evaluator = InlineEvaluator(config, tmp_path / "run", tokenizer_model)
+    config = EvalConfig(mode="inline", every_steps=5, tasks=["piqa", "wikitext2"],
+                        data_dir=str(tmp_path / "no-mirror"), limit=2)
     model = build_tiny_llama(seed=0, num_layers=2).train()
     model.model.layers[0].eval()  # a mixed mode must come back module by module
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
-    rows = evaluator(model, step=5, tokens=100)
+    inline_evaluation(config, tmp_path / "run", tokenizer_model)(model, 5, 5 * STEP_TOKENS)
+    rows = read_results(tmp_path / "run" / "results.jsonl")
     assert [r["status"] for r in rows] == ["failed", "failed", "failed"]  # piqa, wikitext2, the mean
     assert "prepare_eval_data.py" in rows[0]["error"]  # a missing mirror names the command that writes it
     assert random.getstate() == before[0]

@@ -7,8 +7,9 @@
         evaluator(engine.module, step, tokens)                            # on every rank
 
 Every rank calls it (the work is sharded over the data-parallel ranks when torch.distributed is initialized);
-rank 0 appends the rows to `run_dir/results.jsonl`. It never raises for a failing task and leaves every RNG
-state and the model's train/eval mode as it found them, so the training loss trace is unchanged.
+rank 0 appends the rows to `run_dir/results.jsonl`. It never raises for a failing task. It leaves the model in
+eval mode: the trainer calls it through its hook layer, which restores every RNG state and module mode, so the
+training loss trace is unchanged.
 """
 from __future__ import annotations
 

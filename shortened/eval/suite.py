@@ -20,7 +20,6 @@ from shortened.eval.perplexity import PerplexityResult, task_windows
 from shortened.eval.results import ZERO_SHOT_MEAN, failed_row, mean_row, ok_row
 from shortened.eval.scoring import nll_sum
 from shortened.eval.tasks import LmEvalTask, PerplexityTask, TaskSpec, load_task_table, select_tasks
-from shortened.rng import preserved_rng_and_mode
 from shortened.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,20 +49,21 @@ class EvalSuite:
         return self.groups.rank if self.groups else 0
 
     def run(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        """Task rows (unstamped). RNG states and the model's train/eval mode are as before, even on error.
+        """Task rows (unstamped), with the model in eval mode (no dropout); it is left in eval mode.
 
-        The guard lives here, not in the callers, because the suite runs standalone too (evaluate.py, the
-        watcher, the tests) as well as inside the trainer's hooks (which add their own: `shortened.rng`).
+        Inside training, the trainer's hook layer (`shortened.train.hooks.call_hooks`) restores every RNG state
+        and module mode around the evaluation; standalone callers (evaluate.py, the watcher) have nothing to
+        restore.
         """
         rows: list[dict[str, Any]] = []
-        with preserved_rng_and_mode(model, eval_mode=True):
-            try:
-                for spec in self.specs:
-                    rows += self._run_task(model, spec)
-                if self.validation_path:
-                    rows += self._validation_rows(model)
-            finally:
-                self._lm = None  # the harness wrapper holds the model; never keep it past this evaluation
+        model.eval()
+        try:
+            for spec in self.specs:
+                rows += self._run_task(model, spec)
+            if self.validation_path:
+                rows += self._validation_rows(model)
+        finally:
+            self._lm = None  # the harness wrapper holds the model; never keep it past this evaluation
         return rows + self._mean_rows(rows)
 
     # ------------------------------------------------------------------------------------------ tasks

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class InlineEvaluation(TrainerHook):
-    """A trainer hook around `shortened.eval.hook.InlineEvaluator` (RNG states and train mode are restored by the
-    loop around every hook, and the evaluator records failing tasks instead of raising)."""
+    """A trainer hook around `shortened.eval.hook.InlineEvaluator` (RNG states and module modes are restored by
+    `call_hooks` around every hook, and the evaluator records failing tasks instead of raising)."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

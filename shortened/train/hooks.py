@@ -9,8 +9,9 @@ A hook is a `TrainerHook` (or any object with some of its methods):
 
 They are called on every rank at the same point, so a hook may use collectives (shard work over ranks).
 `ctx.model` is the Hugging Face model the engine trains, whole on every rank under ZeRO-1/2. The loop runs
-each hook with every RNG state saved and restored and puts the model back in train mode afterwards, so a hook
-cannot change the training trajectory: a run with hooks has the same loss trace as one without.
+each hook with every RNG state saved and restored and hands every module back in the train/eval mode it had, so
+a hook cannot change the training trajectory: a run with hooks has the same loss trace as one without. This is
+the one place that guard lives; the evaluation suite only switches the model to eval mode.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from shortened.rng import preserved_rng
+from shortened.rng import preserved_rng_and_mode
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,5 @@ def call_hooks(hooks: Sequence[TrainerHook], method: HookPoint, ctx: StepContext
         fn = getattr(hook, method, None)
         if fn is None:
             continue
-        was_training = ctx.model.training
-        with preserved_rng():
+        with preserved_rng_and_mode(ctx.model):
             fn(ctx)
-        ctx.model.train(was_training)
