@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: everything but the multi-process jobs (2-rank DeepSpeed runs, launchers, the demo, LoRA runs).
-SLOW_TESTS := test_train_dist test_train_bf16 test_train_faults test_multinode test_preemption test_demo \
+SLOW_TESTS := test_train_dist test_train_distill test_train_bf16 test_train_faults test_multinode test_preemption test_demo \
 	test_eval_dist test_lora test_docs_commands
 test-fast: setup
 	$(PY) -m pytest $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)

@@ -209,6 +209,29 @@ class LogConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = setting("", "Hugging Face model directory of the teacher, normally the unpruned model the student "
+                               "was pruned from; empty: no distillation, the plain next-token loss")
+    kd_weight: float = setting(1.0, "weight of the forward KL(teacher || student) term, scaled by temperature^2")
+    ce_weight: float = setting(0.0, "weight of the student's next-token loss in the optimized total (Minitron: 0, the "
+                                    "logit KL alone recovers most)")
+    temperature: float = setting(1.0, "softmax temperature of both models' logits in the KL (Minitron's best: 1)")
+    chunk_size: int = setting(1024, "positions per chunk of the loss: peak memory holds this many rows of both "
+                                    "models' vocabulary logits, not the whole micro-batch's")
+
+    def __post_init__(self) -> None:
+        _require(self.kd_weight >= 0 and self.ce_weight >= 0, "distill.kd_weight", "weights must be >= 0")
+        _require(not self.teacher or self.kd_weight + self.ce_weight > 0, "distill.kd_weight",
+                 "kd_weight and ce_weight are both 0: nothing would be optimized")
+        _require(self.temperature > 0, "distill.temperature", "must be positive")
+        _require(self.chunk_size > 0, "distill.chunk_size", "must be positive")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = setting("runs/default", "where config.yaml, train_log.jsonl, checkpoints/ and results.jsonl go")
     resume: str = setting("auto", "auto: newest complete checkpoint of run_dir, if any | never | a checkpoint "
@@ -223,6 +246,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = setting(help="when and how checkpoints are written", factory=CheckpointConfig)
     eval: EvalConfig = setting(help="inline or watched evaluation", factory=EvalConfig)
     log: LogConfig = setting(help="console, TensorBoard and train_log.jsonl", factory=LogConfig)
+    distill: DistillConfig = setting(help="knowledge distillation from a frozen teacher (off unless distill.teacher "
+                                          "is set)", factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir", "must be set")

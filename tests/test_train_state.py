@@ -163,7 +163,7 @@ def loop_context(tmp_path: Path, peak: float | None = 1e12) -> LoopContext:
 
 
 def measurement(**changes) -> StepMeasurement:
-    values = dict(loss=2.5, lr=1e-3, applied=True, grad_norm=0.7, step_time=0.5,
+    values = dict(loss=2.5, ce_loss=2.5, kd_loss=None, lr=1e-3, applied=True, grad_norm=0.7, step_time=0.5,
                   phases={"data_wait_s": 0.1, "fwd_bwd_s": 0.3})
     return StepMeasurement(**{**values, **changes})
 
@@ -171,11 +171,17 @@ def measurement(**changes) -> StepMeasurement:
 def test_the_log_line_comes_from_the_loop_state_and_the_step_measurement(tmp_path):
     state = LoopState(step=5, consumed_samples=20, last_checkpoint=None)
     record = _record(state, measurement(), loop_context(tmp_path))
-    assert list(record)[:7] == ["step", "tokens", "consumed_samples", "loss", "lr", "grad_norm", "skipped"]
+    assert list(record)[:9] == ["step", "tokens", "consumed_samples", "loss", "ce_loss", "kd_loss", "lr", "grad_norm",
+                                "skipped"]
     assert (record["step"], record["tokens"], record["consumed_samples"], record["loss"]) == (5, 1280, 20, 2.5)
     assert record["tokens_per_s"] == 512 and record["tokens_per_s_per_gpu"] == 256
     assert record["mfu"] == pytest.approx(512 * 6e6 / 2e12)
     assert (record["data_wait_s"], record["optim_s"], record["skipped"]) == (0.1, 0.0, False)
+    assert (record["ce_loss"], record["kd_loss"], record["teacher_s"]) == (2.5, None, 0.0)  # no teacher
+    distilled = _record(state, measurement(loss=1.5, ce_loss=2.5, kd_loss=0.25, phases={"teacher_s": 0.2}),
+                        loop_context(tmp_path))
+    assert (distilled["loss"], distilled["ce_loss"], distilled["kd_loss"], distilled["teacher_s"]) == (1.5, 2.5, 0.25,
+                                                                                                       0.2)
     nan = _record(state, measurement(loss=math.nan, applied=False), loop_context(tmp_path, peak=None))
     assert nan["loss"] is None and nan["skipped"] and nan["mfu"] is None
 

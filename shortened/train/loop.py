@@ -38,8 +38,10 @@ from shortened.train.engine import apply_optim_settings, build_engine, cpu_has_b
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, TrainerHook, call_hooks
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
+from shortened.train.objective import DistillationObjective, NextTokenObjective, Objective
 from shortened.train.plan import RunPlan, plan_run, training_state
 from shortened.train.signals import StopRequest, ignore_stop_signals
+from shortened.train.teacher import load_teacher, teacher_flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
         apply_timeout_to_all_groups(config.train.dist_timeout_s)
         if plan.checkpoint is not None:
             _resume(engine, config, env, plan, plan.checkpoint)
-        return _loop(engine, config, env, plan, hooks, stop)
+        objective, teacher_flops = _objective(engine, config, env)
+        return _loop(engine, config, env, plan, hooks, stop, objective, teacher_flops)
     finally:
         shutdown()
 
@@ -91,6 +94,18 @@ def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
     if env.is_main:
         atomic_write_json(ds_config, plan.run_dir / "deepspeed_config.json")
     return build_engine(model, ds_config, config.optim, plan.budget.total_steps)
+
+
+def _objective(engine, config: RunConfig, env: DistEnv) -> tuple[Objective, float]:
+    """The micro-batch loss, and the teacher's forward FLOPs per token that MFU counts beside the student's."""
+    if not config.distill.enabled:
+        return NextTokenObjective(), 0.0
+    teacher = load_teacher(config.distill, config.train.precision, env.device, config.model.attn_implementation)
+    if env.is_main:
+        log.info("distilling from %s (%.1fM parameters, frozen, outside the optimizer): %s", config.distill.teacher,
+                 teacher.num_parameters() / 1e6, json.dumps(to_dict(config.distill)))
+    return (DistillationObjective(engine, teacher, config.distill),
+            teacher_flops_per_token(teacher, config.data.seq_len))
 
 
 def _resume(engine, config: RunConfig, env: DistEnv, plan: RunPlan, checkpoint: ckpt.Checkpoint) -> None:
@@ -130,7 +145,9 @@ class LoopState:
 class StepMeasurement:
     """What one optimizer step measured (the loss reduced over all ranks)."""
 
-    loss: float  # mean over ranks and micro-batches
+    loss: float  # the optimized total, mean over ranks and micro-batches
+    ce_loss: float  # the student's next-token loss (equal to `loss` without a teacher)
+    kd_loss: float | None  # the distillation term, None without a teacher
     lr: float  # the rate the step's update used
     applied: bool  # False when the update was skipped (non-finite gradients)
     grad_norm: float | None  # None when DeepSpeed has none or it is not finite
@@ -161,13 +178,13 @@ class LoopContext:
 
 
 def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequence[TrainerHook],
-          stop: StopRequest) -> TrainResult:
+          stop: StopRequest, objective: Objective, teacher_flops: float) -> TrainResult:
     train_cfg, budget = config.train, plan.budget
     state = LoopState(step=plan.start_step, consumed_samples=plan.consumed_samples,
                       last_checkpoint=plan.checkpoint.path if plan.checkpoint else None)
     seq_len = plan.identity.seq_len
     run = LoopContext(env=env, model=engine.module, seq_len=seq_len, step_tokens=budget.tokens_per_step,
-                      flops_per_token=train_flops_per_token(engine.module.config, seq_len),
+                      flops_per_token=train_flops_per_token(engine.module.config, seq_len) + teacher_flops,
                       peak=peak_flops(env.device, config.log.peak_tflops), run_dir=plan.run_dir,
                       tokenizer_file=plan.tokenizer_file)
     batches = iter(_train_loader(config, env, plan))
@@ -186,14 +203,16 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
         while state.step < budget.stop_step:
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             started = time.perf_counter()
-            local_sum, sample_ids = _step(engine, batches, grad_accum, timer, env.device, config.log.sample_ids)
-            # One collective per step carries the loss and whether any rank was asked to stop.
-            loss_sum, stop_votes = all_reduce_sum([local_sum, float(bool(stop))], env.device)
+            local, sample_ids = _step(engine, batches, grad_accum, timer, env.device, objective,
+                                      config.log.sample_ids)
+            # One collective per step carries the losses and whether any rank was asked to stop.
+            *sums, stop_votes = all_reduce_sum([*local, float(bool(stop))], env.device)
             step_time = time.perf_counter() - started
             state.step += 1
             state.consumed_samples += train_cfg.global_batch_size
-            measured = StepMeasurement(loss=loss_sum / (env.world_size * grad_accum), lr=lr,
-                                       applied=engine.was_step_applied(), grad_norm=_grad_norm(engine),
+            total, ce, kd = (value / (env.world_size * grad_accum) for value in sums)
+            measured = StepMeasurement(loss=total, ce_loss=ce, kd_loss=kd if config.distill.enabled else None,
+                                       lr=lr, applied=engine.was_step_applied(), grad_norm=_grad_norm(engine),
                                        step_time=step_time, phases=timer.pop())
             record = _record(state, measured, run)
             if config.log.sample_ids:
@@ -249,9 +268,10 @@ def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
     return build_train_loader(config.data.path, seed=config.data.seed, **layout)
 
 
-def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.device,
-          want_ids: bool) -> tuple[float, list[int]]:
-    """One optimizer step over `grad_accum` micro-batches: this rank's summed loss and its sample indices."""
+def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.device, objective: Objective,
+          want_ids: bool) -> tuple[list[float], list[int]]:
+    """One optimizer step over `grad_accum` micro-batches: this rank's summed total, ce and kd losses (kd 0
+    without a teacher) and its sample indices."""
     losses, sample_ids = [], []
     timer.start()
     vocab_size = engine.module.config.vocab_size
@@ -259,16 +279,17 @@ def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.dev
         batch = next(batches)
         check_token_range(batch, vocab_size)
         timer.stop("data_wait_s")
-        loss = engine(**model_inputs(batch, device)).loss
-        engine.backward(loss)
+        loss = objective(engine, model_inputs(batch, device), timer)
+        engine.backward(loss.total)
         timer.stop("fwd_bwd_s")
         engine.step()  # the optimizer step (clip, AdamW, schedule) happens on the last micro-batch
         timer.stop("optim_s")
-        losses.append(loss.detach())
+        kd = loss.kd if loss.kd is not None else torch.zeros_like(loss.ce)
+        losses.append(torch.stack([loss.total.detach().float(), loss.ce.float(), kd.float()]))
         if want_ids:
             sample_ids += batch["sample_index"].tolist()
     # float64: summing fp32 losses is then exact, so 1 rank x 2g micro-batches and 2 ranks x g agree bit for bit
-    return torch.stack(losses).double().sum().item(), sample_ids
+    return torch.stack(losses).double().sum(dim=0).tolist(), sample_ids
 
 
 def check_token_range(batch: dict[str, torch.Tensor], vocab_size: int) -> None:
@@ -331,7 +352,9 @@ def _record(state: LoopState, measured: StepMeasurement, run: LoopContext) -> di
         "step": state.step,
         "tokens": run.tokens(state),
         "consumed_samples": state.consumed_samples,
-        "loss": measured.loss if math.isfinite(measured.loss) else None,
+        "loss": _finite_or_none(measured.loss),
+        "ce_loss": _finite_or_none(measured.ce_loss),
+        "kd_loss": _finite_or_none(measured.kd_loss),
         "lr": measured.lr,
         "grad_norm": measured.grad_norm,
         "skipped": not measured.applied,
@@ -339,10 +362,14 @@ def _record(state: LoopState, measured: StepMeasurement, run: LoopContext) -> di
         "tokens_per_s_per_gpu": tokens_per_s / world_size,
         "mfu": tokens_per_s * run.flops_per_token / (world_size * run.peak) if run.peak else None,
         "step_time_s": measured.step_time,
-        **{key: measured.phases.get(key, 0.0) for key in ("data_wait_s", "fwd_bwd_s", "optim_s")},
+        **{key: measured.phases.get(key, 0.0) for key in ("data_wait_s", "teacher_s", "fwd_bwd_s", "optim_s")},
         "memory_gb": memory_gb(run.env.device),
         "time": time.time(),
     }
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _say(logger: TrainLogger | None, text: str) -> None:

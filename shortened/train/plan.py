@@ -36,6 +36,7 @@ from shortened.train.distributed import DistEnv, broadcast_object
 from shortened.train.ds_config import read_base_config
 from shortened.train.engine import hf_config_dict, resolve_model_dir
 from shortened.train.state import FORMAT_VERSION, RunIdentity, TrainingState
+from shortened.train.teacher import check_teacher
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,8 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
                            data_fingerprint=data["data_fingerprint"], architecture=architecture(hf_config))
     tokenizer_file = model_tokenizer(model_dir, data["tokenizer_sha256"])
     check_data_fits(config, data, hf_config)
+    if config.distill.enabled:
+        check_teacher(config.distill, hf_config, model_dir, data["tokenizer_sha256"], data["seq_len"])
     checkpoint = resolve_resume(config.resume, run_dir)
     universal, start_step, consumed = False, 0, 0
     if checkpoint is not None:

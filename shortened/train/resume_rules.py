@@ -64,6 +64,8 @@ RULES: dict[str, ResumeRule] = {
     "checkpoint": honoured("read at every save"),
     "eval": honoured("read at every evaluation"),
     "log": honoured("read at every step"),
+    "distill": honoured("the teacher is loaded at start and holds no state in the checkpoint: the loss changes from "
+                        "the first resumed step"),
 }
 
 
