@@ -49,6 +49,7 @@ from train_support import (
     read_log,
     run_ok,
     same,
+    shm_left,
 )
 
 pytestmark = pytest.mark.timeout(900)
@@ -156,7 +157,7 @@ def kill_run(work, train_shards_64, tiny_init_model) -> dict:
     victim.kill()
     rc = job.wait(timeout=120)
     return {"run_dir": run_dir, "rc": rc, "seconds": time.monotonic() - killed_at, "output": job.output(),
-            "left": sorted(str(p.relative_to(save_dir)) for p in save_dir.rglob("*"))}
+            "left": sorted(str(p.relative_to(save_dir)) for p in save_dir.rglob("*")), "shm_left": shm_left(job.port)}
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,7 @@ def test_kill9_during_a_save_resumes_from_the_previous_complete_checkpoint(ref_r
     prefix = "bf16_" if PRECISION == "bf16" else ""
     assert f"deepspeed/{prefix}zero_pp_rank_1_mp_rank_00_optim_states.pt" in left  # the save was under way...
     assert "training_state.json" in left and "complete.json" not in left  # ...and never counted
+    assert not kill_run["shm_left"], "DeepSpeed's shared-memory workspaces must not outlive a killed job"
     output = term_run["output"]
     assert "resume=auto ignores" in output and "step_00000012: no complete.json" in output
     assert "resuming from" in output and "step_00000008" in output

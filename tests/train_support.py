@@ -49,6 +49,7 @@ class Job:
         self.script = str(script)
         self.handle = open(out, "w")
         self.started = time.monotonic()
+        self.port: int | None = None  # the launcher's master port, where the test chose it
         self.proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
                                      start_new_session=True,
                                      env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
@@ -93,8 +94,16 @@ class Job:
 
 
 def deepspeed(nproc: int, args: list[str], out: Path, script: Path = CPT, **env: str) -> Job:
-    return Job([BIN / "deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), script,
-                "--config", RECIPE, *args], out, script, **env)
+    port = free_port()
+    job = Job([BIN / "deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), script,
+               "--config", RECIPE, *args], out, script, **env)
+    job.port = port
+    return job
+
+
+def shm_left(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments of the job on `port` still in /dev/shm (RAM)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def python(args: list[str], out: Path) -> Job:

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -89,8 +90,32 @@ def setup_distributed(timeout_s: int) -> DistEnv:
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+    if device.type == "cpu":
+        release_shm_buffer_name()
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                    backend=backend)
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_path(rank: int, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's 67 MB workspace (its shm.cpp names it so)."""
+    return SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR')}_"
+                      f"{environ.get('MASTER_PORT')}_{rank}")
+
+
+def release_shm_buffer_name() -> None:
+    """Unlink this rank's shared-memory workspace once every rank has mapped the others'.
+
+    DeepSpeed's CPU communication op creates one 67 MB POSIX shared-memory segment per rank and never unlinks it,
+    so every CPU job, finished or killed, left 67 MB x ranks in /dev/shm (RAM) until reboot: a day of test jobs
+    filled 20 GB and the OOM killer ended a rank. Each rank opens its peers' segments inside `init_distributed`,
+    so after a barrier the names are no longer needed; the mappings stay valid and the kernel frees the memory
+    when the last process of the job exits, however it exits.
+    """
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def apply_timeout_to_all_groups(timeout_s: int) -> None:
