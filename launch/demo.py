@@ -7,8 +7,9 @@
    (a stand-in for Vicuna-7B, which does not fit this box);
 3. score its blocks with the PPL criterion and prune it;
 4. continue pretraining the pruned model with DeepSpeed ZeRO-2 on 2 CPU ranks, checkpointing and evaluating
-   inline (validation loss, WikiText-2/PTB perplexity, the seven zero-shot tasks on local data);
-5. draw curves.png and print a summary table.
+   inline (validation loss, WikiText-2/PTB perplexity, the seven zero-shot tasks on local data), twice from the
+   same start with the same tokens: plain, and distilled from the unpruned source model (distill.teacher);
+5. draw curves.png (both runs, the source model as a dashed reference) and print a summary table.
 Every step is skipped or resumed when its output is already there, so a second run finishes quickly.
 """
 from __future__ import annotations
@@ -87,16 +88,23 @@ def main() -> int:
           "--device", "cpu", "--output", source_eval],
          done=source_eval)
 
-    cpt = out / "cpt"
+    inline_eval = ("eval.mode=inline", f"eval.every_steps={sizes.eval_every}", f"eval.data_dir={EVAL_DATA}",
+                   f"eval.tasks=[{','.join(sizes.tasks)}]", f"eval.limit={sizes.eval_limit}",
+                   f"data.validation_path={shards['validation']}")
+    runs = {"pruned + CPT": out / "cpt", "pruned + CPT + KD": out / "cpt_kd"}
     step(f"continue pretraining the pruned model: DeepSpeed ZeRO-2, 2 CPU ranks, {sizes.cpt_steps} steps, "
          f"inline evaluation every {sizes.eval_every} steps",
-         deepspeed_cmd(cpt, pruned, shards["train"], sizes, sizes.cpt_steps,
-                       "eval.mode=inline", f"eval.every_steps={sizes.eval_every}", f"eval.data_dir={EVAL_DATA}",
-                       f"eval.tasks=[{','.join(sizes.tasks)}]", f"eval.limit={sizes.eval_limit}",
-                       f"data.validation_path={shards['validation']}"))
+         deepspeed_cmd(runs["pruned + CPT"], pruned, shards["train"], sizes, sizes.cpt_steps, *inline_eval))
+    step("the same from the same start and tokens, distilled from the unpruned source model: loss = KL(source || "
+         "student), the Minitron recipe",
+         deepspeed_cmd(runs["pruned + CPT + KD"], pruned, shards["train"], sizes, sizes.cpt_steps, *inline_eval,
+                       f"distill.teacher={source}"))
 
-    step("draw the curves", [sys.executable, "launch/plot_curves.py", cpt, "--output", out / "curves.png"])
-    print_summary(out, source, pruned, cpt, source_eval, sizes)
+    labels = [part for label in runs for part in ("--label", label)]
+    step("draw the curves", [sys.executable, "launch/plot_curves.py", *runs.values(), *labels, "--reference",
+                             source_eval, "--reference-label", f"source ({sizes.layers} blocks, unpruned)",
+                             "--output", out / "curves.png"])
+    print_summary(out, source, pruned, runs, source_eval, sizes)
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return 0
 
@@ -155,29 +163,37 @@ def step(title: str, cmd: list, done: Path | None = None) -> None:
         raise SystemExit(f"demo step failed (exit {result.returncode}): {title}")
 
 
-def print_summary(out: Path, source: Path, pruned: Path, cpt: Path, source_eval: Path, sizes: Sizes) -> None:
-    rows = [json.loads(line) for line in (cpt / "results.jsonl").read_text().splitlines()]
-    ok = [r for r in rows if r["status"] == "ok" and r.get("primary", True)]
-    first, last = min(r["step"] for r in ok), max(r["step"] for r in ok)
+def print_summary(out: Path, source: Path, pruned: Path, runs: dict[str, Path], source_eval: Path,
+                  sizes: Sizes) -> None:
+    """One row per task: the source model, the pruned model before training (step 0), and each run's last point."""
+    ok = {label: [r for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())
+                  if r["status"] == "ok" and r.get("primary", True)] for label, run in runs.items()}
 
-    def at(step: int) -> dict[str, float]:
-        return {r["task"]: r["value"] for r in ok if r["step"] == step}
+    def at(rows: list[dict], step: int) -> dict[str, float]:
+        return {r["task"]: r["value"] for r in rows if r["step"] == step}
 
-    metric_of = {r["task"]: r["metric"] for r in ok}  # the metric the paper reports for each task
+    plain = next(iter(ok.values()))
+    metric_of = {r["task"]: r["metric"] for r in plain}  # the metric the paper reports for each task
     source_metrics = json.loads(source_eval.read_text())
-    reference = {task: source_metrics.get(task, {}).get(metric) for task, metric in metric_of.items()}
     report = json.loads((pruned / "prune_report.json").read_text())
     kept = sizes.layers - len(report["removed_blocks"])
-    columns = (f"source ({sizes.layers} blocks)", f"pruned ({kept})", f"pruned + CPT ({last} steps)")
-    print(f"\n{'task':<16}{'metric':<10}" + "".join(f"{c:>26}" for c in columns))
+    columns = {f"source ({sizes.layers} blocks)": {t: source_metrics.get(t, {}).get(m) for t, m in metric_of.items()},
+               f"pruned ({kept})": at(plain, min(r["step"] for r in plain))}
+    for label, rows in ok.items():
+        last = max(r["step"] for r in rows)
+        columns[f"{label} ({last} steps)"] = at(rows, last)
+    width = max(map(len, columns)) + 2
+    print(f"\n{'task':<16}{'metric':<10}" + "".join(f"{c:>{width}}" for c in columns))
     for task in sorted(metric_of):
-        values = (reference.get(task), at(first).get(task), at(last).get(task))
+        values = [column.get(task) for column in columns.values()]
         print(f"{task:<16}{metric_of[task]:<10}"
-              + "".join(f"{v:>26.4f}" if isinstance(v, float) else f"{'-':>26}" for v in values))
+              + "".join(f"{v:>{width}.4f}" if isinstance(v, float) else f"{'-':>{width}}" for v in values))
     print(f"\nremoved blocks (PPL criterion): {report['removed_blocks']}")
     print("artifacts:")
-    for what, path in [("token shards", out / "shards"), ("source model", source), ("pruned model + report", pruned),
-                       ("CPT run (checkpoints, train_log.jsonl, results.jsonl)", cpt), ("curves", out / "curves.png")]:
+    artifacts = [("token shards", out / "shards"), ("source model", source), ("pruned model + report", pruned),
+                 *((f"{label} run (train_log.jsonl, results.jsonl)", run) for label, run in runs.items()),
+                 ("curves", out / "curves.png")]
+    for what, path in artifacts:
         print(f"  {what:<56} {path}")
 
 

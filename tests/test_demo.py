@@ -27,21 +27,26 @@ def test_quick_demo_end_to_end_then_resumes(tmp_path):
     first, first_seconds = run_demo(out)
     assert (out / "curves.png").stat().st_size > 10_000
     for artifact in ("shards/train/manifest.json", "source/config.json", "pruned/prune_report.json",
-                     "cpt/train_log.jsonl", "cpt/results.jsonl"):
+                     "cpt/train_log.jsonl", "cpt/results.jsonl", "cpt_kd/train_log.jsonl", "cpt_kd/results.jsonl"):
         assert (out / artifact).is_file(), artifact
     assert "a small model pretrained briefly" in first
-    assert "pruned + CPT" in first and str(out / "curves.png") in first
+    assert "pruned + CPT + KD" in first and str(out / "curves.png") in first
 
-    rows = [json.loads(line) for line in (out / "cpt" / "results.jsonl").read_text().splitlines()]
-    validation = sorted((r["step"], r["value"]) for r in rows if r["task"] == "validation" and r["status"] == "ok")
-    assert validation[0][0] == 0 and len(validation) >= 3
-    assert validation[-1][1] < validation[0][1], validation  # continued pretraining lowers the validation loss
+    for run in ("cpt", "cpt_kd"):
+        rows = [json.loads(line) for line in (out / run / "results.jsonl").read_text().splitlines()]
+        validation = sorted((r["step"], r["value"]) for r in rows if r["task"] == "validation" and r["status"] == "ok")
+        assert validation[0][0] == 0 and len(validation) >= 3
+        assert validation[-1][1] < validation[0][1], (run, validation)  # training lowers the validation loss
+    plain, distilled = ([json.loads(line) for line in (out / run / "train_log.jsonl").read_text().splitlines()]
+                        for run in ("cpt", "cpt_kd"))
+    assert [r["tokens"] for r in plain] == [r["tokens"] for r in distilled]  # the same budget
+    assert all(r["kd_loss"] is None for r in plain) and all(r["kd_loss"] > 0 for r in distilled)
     report = json.loads((out / "pruned" / "prune_report.json").read_text())
     assert report["criterion"] == "ppl" and len(report["removed_blocks"]) == 1
 
-    log_before = (out / "cpt" / "train_log.jsonl").read_text()
+    logs_before = [(out / run / "train_log.jsonl").read_text() for run in ("cpt", "cpt_kd")]
     second, second_seconds = run_demo(out)
     assert second.count("already complete") == 2 and second.count("already done") >= 4
-    assert second.count("nothing to train") == 2
-    assert (out / "cpt" / "train_log.jsonl").read_text() == log_before
+    assert second.count("nothing to train") == 3
+    assert [(out / run / "train_log.jsonl").read_text() for run in ("cpt", "cpt_kd")] == logs_before
     assert second_seconds < first_seconds
