@@ -9,6 +9,10 @@ PY := $(VENV)/bin/python
 # DeepSpeed JIT-compiles its CPU ops on first use; keep the build inside the project (ignored by git).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
+# Test files run in parallel, a file per worker at a time (its module fixtures, the shared training runs, are built
+# once): half of a 2-rank test's time is process start-up, rendezvous and waits that leave a core idle.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup test test-fast lint demo clean
 
@@ -23,13 +27,15 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
-# The inner loop: everything but the multi-process jobs (2-rank DeepSpeed runs, launchers, the demo, LoRA runs).
-SLOW_TESTS := test_train_dist test_train_distill test_train_bf16 test_train_faults test_multinode test_preemption test_demo \
-	test_eval_dist test_lora test_docs_commands
+# The inner loop: everything but the multi-process jobs (2-rank DeepSpeed runs, launchers, the demo, LoRA runs) and
+# the end-to-end runs of a command line or of lm-eval (bad-input CLIs, the watcher, the efficiency bench).
+SLOW_TESTS := test_train_dist test_train_distill test_train_bf16 test_train_faults test_multinode test_preemption \
+	test_demo test_eval_dist test_lora test_docs_commands test_eval_zero_shot test_eval_faults test_eval_watch \
+	test_prune_efficiency
 test-fast: setup
-	$(PY) -m pytest $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)
 
 # ruff: pyflakes, pycodestyle errors, import order (ruff.toml); mypy: the package's types (mypy.ini).
 lint: setup

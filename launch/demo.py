@@ -51,7 +51,7 @@ class Sizes:
     tasks: tuple[str, ...]
 
 
-FULL = Sizes(layers=8, hidden=128, remove=2, seq_len=128, pretrain_steps=300, cpt_steps=150, eval_every=50,
+FULL = Sizes(layers=8, hidden=128, remove=2, seq_len=128, pretrain_steps=300, cpt_steps=120, eval_every=40,
              eval_limit=100, tasks=(*ZERO_SHOT, "wikitext2", "ptb"))
 QUICK = Sizes(layers=4, hidden=64, remove=1, seq_len=64, pretrain_steps=30, cpt_steps=16, eval_every=8,
               eval_limit=8, tasks=("piqa", "arc_easy", "wikitext2"))
