@@ -2,9 +2,15 @@
 
     python bench/train_step.py breakdown                     # CPU: where a step's time goes, checkpoint share
     python bench/train_step.py throughput --geometry vicuna-2.7b --nproc 8   # GPU: tokens/s/GPU and MFU
+    python bench/train_step.py distill --geometry vicuna-2.7b --nproc 8      # GPU: KD step vs plain step
 
 breakdown: the shipped tiny-cpu recipe on 2 CPU ranks: data wait, forward/backward and optimizer per step
 (device-synchronised timers), and the checkpoint save at the recipe's interval as a share of wall time.
+
+distill: the same geometry's ZeRO-2 step without and with a frozen teacher (`distill.teacher`: the 32-block
+Vicuna-7B geometry, random weights; for `--geometry tiny` a 6-block tiny Llama), side by side: tokens/s per GPU, MFU
+(the teacher's forward counted), the teacher's forward time, peak memory, and the step-time ratio against the FLOP
+bound 1 + N_teacher / (3 N_student) (train_flops_per_token of the student, a third of the teacher's).
 
 throughput: ZeRO-2 against ZeRO-1, each with and without activation checkpointing, one run each, side by side:
 tokens/s, tokens/s per GPU, MFU (bf16 dense peak of the device, see shortened/train/metrics.py), step time and
@@ -38,6 +44,7 @@ GEOMETRIES = {  # seq_len, micro batch, model builder arguments
     "vicuna-2.7b": {"seq_len": 2048, "micro": 2, "layers": 12},
     "vicuna-1.5b": {"seq_len": 2048, "micro": 2, "layers": 6},
 }
+TEACHERS = {"tiny": ("tiny-teacher", 6), "vicuna-2.7b": ("vicuna-7b", 32), "vicuna-1.5b": ("vicuna-7b", 32)}
 
 
 def shards(out: Path, seq_len: int) -> Path:
@@ -50,23 +57,25 @@ def shards(out: Path, seq_len: int) -> Path:
     return path
 
 
-def model(out: Path, geometry: str) -> Path:
-    """A saved model with random weights of the geometry (built once, on the GPU when there is one)."""
+def model(out: Path, geometry: str, layers: int | None = None) -> Path:
+    """A saved model with random weights of the geometry (built once, on the GPU when there is one); `layers`
+    overrides the geometry's block count (the teachers)."""
     import torch
     from transformers import LlamaForCausalLM
 
     from shortened.modeling import build_tiny_llama, save_with_tokenizer, vicuna_7b_config
 
-    path = out / f"model-{geometry}"
+    layers = layers or GEOMETRIES[geometry]["layers"]
+    path = out / f"model-{geometry}-{layers}"
     if (path / "config.json").is_file():
         return path
-    if geometry == "tiny":
-        net = build_tiny_llama(num_layers=GEOMETRIES["tiny"]["layers"])
+    if geometry.startswith("tiny"):
+        net = build_tiny_llama(seed=layers, num_layers=layers)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
         with torch.device(device):
-            net = LlamaForCausalLM(vicuna_7b_config(GEOMETRIES[geometry]["layers"])).to(torch.bfloat16)
+            net = LlamaForCausalLM(vicuna_7b_config(layers)).to(torch.bfloat16)
     save_with_tokenizer(net, path, TOKENIZER)
     return path
 
@@ -117,16 +126,48 @@ def breakdown(args: argparse.Namespace) -> None:
           "targets: data wait < 1 % of a step, saves < 2 % of wall time)")
 
 
+def common_overrides(args: argparse.Namespace, out: Path) -> list[str]:
+    geometry = GEOMETRIES[args.geometry]
+    seq, micro = geometry["seq_len"], geometry["micro"]
+    return [f"model.init_from={model(out, args.geometry)}", f"data.path={shards(out, seq)}", f"data.seq_len={seq}",
+            f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * args.grad_accum * args.nproc}",
+            f"train.max_steps={args.steps}", "train.max_tokens=0", "checkpoint.every_steps=1000000",
+            "checkpoint.save_hf=false", "log.tensorboard=false", "optim.warmup_steps=10", "optim.lr=1e-4",
+            "data.num_workers=2", *args.set]
+
+
+def distill(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from shortened.modeling import train_flops_per_token
+
+    out = Path(args.out)
+    seq = GEOMETRIES[args.geometry]["seq_len"]
+    teacher_geometry, teacher_layers = TEACHERS[args.geometry]
+    student, teacher = model(out, args.geometry), model(out, teacher_geometry, teacher_layers)
+    common = [*common_overrides(args, out), "deepspeed_config=ds_configs/zero2_bf16.json"]
+    plain = run("plain", out, args.nproc, common)[args.warmup:-1]
+    kd = run("kd", out, args.nproc, [*common, f"distill.teacher={teacher}"])[args.warmup:-1]
+    student_flops = train_flops_per_token(AutoConfig.from_pretrained(student), seq)
+    teacher_flops = train_flops_per_token(AutoConfig.from_pretrained(teacher), seq) / 3
+    bound = 1 + teacher_flops / student_flops
+    print(f"\n{args.geometry} student, {teacher_layers}-block teacher: seq {seq}, grad-accum {args.grad_accum}, "
+          f"{args.nproc} rank(s), mean of steps {args.warmup + 1}..{args.steps - 1}")
+    print(f"  {'variant':<8} {'tok/s/GPU':>10} {'MFU':>7} {'step s':>8} {'teacher s':>10} {'peak GB':>8}")
+    for name, records in (("plain", plain), ("kd", kd)):
+        mfu = [r["mfu"] for r in records if r["mfu"] is not None]
+        print(f"  {name:<8} {np.mean([r['tokens_per_s_per_gpu'] for r in records]):10.0f} "
+              f"{f'{np.mean(mfu):.1%}' if mfu else '-':>7} {np.mean([r['step_time_s'] for r in records]):8.3f} "
+              f"{np.mean([r['teacher_s'] for r in records]):10.3f} {max(r['memory_gb'] for r in records):8.1f}")
+    ratio = np.mean([r["step_time_s"] for r in kd]) / np.mean([r["step_time_s"] for r in plain])
+    print(f"  KD step / plain step: {ratio:.2f}x measured, FLOP bound 1 + N_teacher/(3 N_student) = {bound:.2f}x")
+
+
 def throughput(args: argparse.Namespace) -> None:
     geometry = GEOMETRIES[args.geometry]
     out = Path(args.out)
     seq, micro = geometry["seq_len"], geometry["micro"]
-    global_batch = micro * args.grad_accum * args.nproc
-    common = [f"model.init_from={model(out, args.geometry)}", f"data.path={shards(out, seq)}", f"data.seq_len={seq}",
-              f"train.micro_batch_size={micro}", f"train.global_batch_size={global_batch}",
-              f"train.max_steps={args.steps}", "train.max_tokens=0", "checkpoint.every_steps=1000000",
-              "checkpoint.save_hf=false", "log.tensorboard=false", "optim.warmup_steps=10", "optim.lr=1e-4",
-              "data.num_workers=2", *args.set]
+    common = common_overrides(args, out)
     rows = []
     for stage in (2, 1):
         for recompute in (False, True):
@@ -153,7 +194,7 @@ def throughput(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("breakdown", "throughput"))
+    parser.add_argument("mode", choices=("breakdown", "throughput", "distill"))
     parser.add_argument("--out", default=str(ROOT / "bench_out" / "train_step"))
     parser.add_argument("--steps", type=int, default=0, help="breakdown: default 2 checkpoint intervals; "
                                                               "throughput: default 30")
@@ -168,7 +209,7 @@ def main() -> None:
         breakdown(args)
     else:
         args.steps = args.steps or 30
-        throughput(args)
+        (throughput if args.mode == "throughput" else distill)(args)
 
 
 if __name__ == "__main__":

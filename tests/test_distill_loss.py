@@ -96,6 +96,13 @@ def test_matches_full_logit_reference(student, teacher, batch, temperature, docu
                              kd_weight=0.6, ce_weight=0.4, temperature=temperature)
 
 
+def test_the_minitron_default_matches_reference(student, teacher, batch):
+    """kd_weight 1, ce_weight 0, T 1: the loss takes its shortcuts (no CE gradient pass, no division by T)."""
+    input_ids, position_ids = batch
+    assert_matches_reference(student, teacher, input_ids, position_ids, kd_weight=1.0, ce_weight=0.0,
+                             temperature=1.0)
+
+
 def test_valid_mask_matches_reference(student, teacher, batch):
     """Excluded predictions (here: each one across a document boundary, and a few more) count nowhere."""
     input_ids, position_ids = batch

@@ -178,10 +178,11 @@ def test_paper_table_and_summary():
     rows = [ok_row("boolq", "acc", 0.625, primary=True), ok_row("piqa", "acc_norm", 0.7, primary=False),
             ok_row("piqa", "acc", 0.71, primary=True), ok_row("wikitext2", "ppl", 17.456, primary=True),
             failed_row("ptb", "ppl", "Traceback ...\nMirrorError: no ptb"),
-            ok_row("zero_shot_mean", "mean", 0.6675, primary=True)]
+            ok_row("zero_shot_mean", "mean", 0.6675, primary=True), ok_row("validation", "loss", 2.34567, primary=True)]
     head, values, failure = paper_table(rows).splitlines()
-    assert head.split() == ["boolq(acc)", "piqa(acc)", "zero_shot_mean(mean)", "wikitext2(ppl)", "ptb(ppl)"]
-    assert values.split() == ["62.50", "71.00", "66.75", "17.46", "FAILED"]
+    assert head.split() == ["boolq(acc)", "piqa(acc)", "zero_shot_mean(mean)", "wikitext2(ppl)", "ptb(ppl)",
+                            "validation(loss)"]
+    assert values.split() == ["62.50", "71.00", "66.75", "17.46", "FAILED", "2.3457"]  # a loss is not a fraction
     assert failure == "FAILED ptb: MirrorError: no ptb"
     assert summary(rows)["piqa"] == {"acc_norm": 0.7, "acc": 0.71} and summary(rows)["ptb"] == {"ppl": None}
 

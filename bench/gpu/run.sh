@@ -7,7 +7,8 @@
 #
 # Prints each benchmark's table and collects them, with the device line, into OUT_DIR/gpu-benchmarks.md for
 # BENCHMARKS.md: training tokens/s and MFU (2.7B and 1.5B geometries, ZeRO-2 vs ZeRO-1, with and without
-# activation checkpointing), inline evaluation cost, and generation efficiency original vs pruned.
+# activation checkpointing), the distillation step against the plain one (2.7B student, 32-block teacher),
+# inline evaluation cost, and generation efficiency original vs pruned.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-bench_out/gpu}
@@ -50,6 +51,8 @@ for geometry in "${TRAIN_GEOMETRIES[@]}"; do
   section "Training throughput and MFU, $geometry" \
     $PY bench/train_step.py throughput --geometry "$geometry" --nproc "$NPROC" --out "$OUT/train" "${TRAIN_ARGS[@]}"
 done
+section "Distillation step (32-block teacher), ${TRAIN_GEOMETRIES[0]}" \
+  $PY bench/train_step.py distill --geometry "${TRAIN_GEOMETRIES[0]}" --nproc "$NPROC" --out "$OUT/train" "${TRAIN_ARGS[@]}"
 section "Inline evaluation cost" $PY bench/eval_cost.py "${EVAL_ARGS[@]}"
 section "Generation efficiency, original vs pruned" $PY bench/efficiency.py "${EFFICIENCY[@]}"
 echo "wrote $REPORT"

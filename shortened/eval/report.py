@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from shortened.eval.results import ZERO_SHOT_MEAN
 from shortened.eval.tasks import PERPLEXITY_METRIC
+from shortened.eval.validation import METRIC as VALIDATION_METRIC
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -26,18 +27,20 @@ def write_summary(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def paper_table(rows: Sequence[dict[str, Any]]) -> str:
     """One header and one value line in the order of the rows: each task's reported metric (accuracies in %, as
-    the paper prints them), then the zero-shot mean, then perplexities; failures and skipped rows underneath."""
+    the paper prints them), then the zero-shot mean, then perplexities and the validation loss; failures and
+    skipped rows underneath."""
     primary = [r for r in rows if r["primary"]]
-    order = [r for r in primary if r["metric"] != PERPLEXITY_METRIC and r["task"] != ZERO_SHOT_MEAN]
+    unscaled = (PERPLEXITY_METRIC, VALIDATION_METRIC)  # printed as they are, after the fractions printed in %
+    order = [r for r in primary if r["metric"] not in unscaled and r["task"] != ZERO_SHOT_MEAN]
     order += [r for r in primary if r["task"] == ZERO_SHOT_MEAN]
-    order += [r for r in primary if r["metric"] == PERPLEXITY_METRIC]
+    order += [r for r in primary if r["metric"] in unscaled]
     heads, cells = [], []
     for row in order:
         heads.append(f"{row['task']}({row['metric']})")
         if row["status"] != "ok":
             cells.append("FAILED")
-        elif row["metric"] == PERPLEXITY_METRIC:
-            cells.append(f"{row['value']:.2f}")
+        elif row["metric"] in unscaled:
+            cells.append(f"{row['value']:.2f}" if row["metric"] == PERPLEXITY_METRIC else f"{row['value']:.4f}")
         else:
             cells.append(f"{100 * row['value']:.2f}")
     widths = [max(len(h), len(c)) for h, c in zip(heads, cells)]

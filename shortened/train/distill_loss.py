@@ -101,10 +101,13 @@ class _ChunkedDistillation(torch.autograd.Function):
             logits = h @ weight.T
             lse = logits.logsumexp(dim=1, keepdim=True)
             ce_sum += (lse.squeeze(1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
-            log_ps = logits / temperature
-            log_ps -= log_ps.logsumexp(dim=1, keepdim=True)
+            # At T = 1 (the Minitron default) the student's log-softmax is the CE's, already normalised by `lse`.
+            log_ps = logits - lse if temperature == 1.0 else logits / temperature
+            if temperature != 1.0:
+                log_ps -= log_ps.logsumexp(dim=1, keepdim=True)
             log_pt = t_hidden.index_select(0, chunk_rows).float() @ t_weight.T
-            log_pt /= temperature
+            if temperature != 1.0:
+                log_pt /= temperature
             log_pt -= log_pt.logsumexp(dim=1, keepdim=True)
             pt = log_pt.exp()
             # Each [chunk, V] buffer is reused in place once its value is spent: at most five exist at a time.
@@ -114,10 +117,12 @@ class _ChunkedDistillation(torch.autograd.Function):
                 continue
             grad_logits = log_ps.exp_().sub_(pt).mul_(kd_scale)
             del pt
-            probs = logits.sub_(lse).exp_()
-            probs[torch.arange(len(target), device=device), target] -= 1.0
-            grad_logits.add_(probs, alpha=ce_scale)
-            del probs, logits
+            if ce_scale:  # ce_weight = 0 (the Minitron default): the CE is logged, not differentiated
+                probs = logits.sub_(lse).exp_()
+                probs[torch.arange(len(target), device=device), target] -= 1.0
+                grad_logits.add_(probs, alpha=ce_scale)
+                del probs
+            del logits
             if grad_hidden is not None:
                 grad_hidden.index_copy_(0, chunk_rows, grad_logits @ weight)
             if grad_weight is not None:
