@@ -23,20 +23,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 # The pruning tests' trained tiny model and calibration windows, shared by the prune and LoRA tests.
 from prune_fixtures import model_dir, windows  # noqa: E402, F401
 
-# The longest files first: `make test` hands whole files to its two workers in collection order, and a long file
-# collected last would run alone at the end while the other core idles (measured: the demo alone for 4 minutes).
-LONGEST_FIRST = ("test_train_dist.py", "test_demo.py", "test_preemption.py", "test_train_distill.py",
-                 "test_train_faults.py", "test_train_bf16.py", "test_eval_zero_shot.py", "test_prune_efficiency.py",
-                 "test_lora.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
-
 
 @pytest.fixture(scope="session")
 def tokenizer_model() -> Path:
