@@ -46,9 +46,14 @@ def cpu_has_bf16_kernels() -> bool:
         return True
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype of `train.precision` (bf16 keeps fp32 masters in the optimizer, not in the model)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def load_model(config: ModelConfig, model_dir: Path, precision: str, seq_len: int) -> PreTrainedModel:
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=config.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=precision_dtype(precision),
+                                                 attn_implementation=config.attn_implementation)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and seq_len > max_positions:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_positions} "

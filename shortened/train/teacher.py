@@ -5,7 +5,6 @@ TRL do under ZeRO-1/2). Its forward is deterministic, so a resumed distillation 
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from shortened.config import ConfigError, DistillConfig
 from shortened.modeling import train_flops_per_token
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
-
-log = logging.getLogger(__name__)
+from shortened.train.engine import hf_config_dict, precision_dtype
 
 
 def check_teacher(distill: DistillConfig, student_config: dict[str, Any], student_dir: Path, tokenizer_sha256: str,
@@ -31,9 +29,7 @@ def check_teacher(distill: DistillConfig, student_config: dict[str, Any], studen
     if not config_file.is_file():
         raise ConfigError(f"distill.teacher={teacher_dir}: no such Hugging Face model directory ({config_file} is "
                           "missing)")
-    from transformers import AutoConfig
-
-    teacher_config = AutoConfig.from_pretrained(teacher_dir).to_dict()
+    teacher_config = hf_config_dict(teacher_dir)
     teacher_vocab, student_vocab = teacher_config.get("vocab_size"), student_config.get("vocab_size")
     if teacher_vocab != student_vocab:
         raise ConfigError(f"distill.teacher={teacher_dir} has vocab_size={teacher_vocab}, the student "
@@ -56,8 +52,7 @@ def check_teacher(distill: DistillConfig, student_config: dict[str, Any], studen
 def load_teacher(distill: DistillConfig, precision: str, device: torch.device, attn_implementation: str
                  ) -> PreTrainedModel:
     """The teacher in `train.precision`, on this rank's device, in eval mode and with no parameter requiring grad."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(distill.teacher, dtype=dtype,
+    teacher = AutoModelForCausalLM.from_pretrained(distill.teacher, dtype=precision_dtype(precision),
                                                    attn_implementation=attn_implementation)
     teacher.config.use_cache = False
     teacher.requires_grad_(False)
