@@ -13,7 +13,7 @@ import os
 import sys
 
 from shortened import cli
-from shortened.config import ConfigError
+from shortened.config import ConfigError, EvalConfig
 from shortened.eval.mirror import MirrorError
 from shortened.eval.suite import ModelFileError
 from shortened.eval.watch import WatchError, clean_launcher_env, load_watch_config, watch
@@ -22,15 +22,16 @@ BAD_INPUT = (ConfigError, MirrorError, ModelFileError, WatchError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="eval keys (of the run's config.yaml, or eval.key=value overrides):\n"
+                                       + cli.config_help(EvalConfig))
     parser.add_argument("--run", required=True, help="the trainer's run directory")
     parser.add_argument("--every-tokens", type=float, default=0,
                         help="evaluate the first checkpoint of every interval of this many tokens (default: all)")
     parser.add_argument("--once", action="store_true", help="evaluate what is there now, then exit")
     parser.add_argument("--config", help="YAML with an eval: section (default RUN_DIR/config.yaml)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
-    parser.add_argument("overrides", nargs="*", help="eval.key=value, data.validation_path=DIR")
+    cli.add_device_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="eval.key=value (the keys below), data.validation_path=DIR")
     args = parser.parse_args(argv)
     # Never a rank of a job, even when started from inside one (torchtitan's async eval does the same).
     for name in set(os.environ) - set(clean_launcher_env()):

@@ -13,7 +13,7 @@ import sys
 import textwrap
 import types
 import typing
-from typing import Any, Callable, Literal, NoReturn, Union
+from typing import Any, Callable, Literal, NoReturn, Sequence, Union
 
 from shortened.config import config_keys, field_default, yaml_value
 
@@ -49,18 +49,24 @@ def run(main: Callable[[], int], bad_input: tuple[type[BaseException], ...], lab
 # ---------------------------------------------------------------------------------------------- flags
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--field-name` flag per field of `cls` (see `shortened.config.setting` for the metadata it reads).
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None,
+                            overrides: bool = False) -> None:
+    """One `--field-name` flag per field of `cls` (or of the fields named in `only`); see
+    `shortened.config.setting` for the metadata it reads.
 
     A bool that defaults to False is `--x`, one that defaults to True is `--no-x`; a Literal gives choices; a
     list takes several words (or one comma-separated word with `sep`). A field without a default, or marked
     `required`, must be given. Rules between fields (exactly one of --remove / --ratio / --keep-blocks) are the
-    dataclass's `__post_init__`'s, checked there once.
+    dataclass's `__post_init__`'s, checked there once. With `overrides`, the flags override a config file: a flag
+    left out parses as None (see `given_arguments`), so the file's value, else the field's default, holds.
     """
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag, options = _flag(f, hints[f.name])
-        parser.add_argument(flag, dest=f.name, **options)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in only if only is not None else fields:
+        flag, options = _flag(fields[name], hints[name])
+        if overrides:
+            options = {**options, "default": None, "required": False}
+        parser.add_argument(flag, dest=name, **options)
 
 
 def _flag(f: dataclasses.Field, hint: Any) -> tuple[str, dict[str, Any]]:
@@ -108,6 +114,12 @@ def _show(value: Any, sep: str) -> str:
     return sep.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype of the evaluation tools (launch/evaluate.py, launch/eval_watch.py)."""
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
+
+
 def config_help(cls: type, width: int = 100) -> str:
     """Every dotted key of `cls` with its type, default and explanation: the `key=value` part of `--help`."""
     lines = []
@@ -120,4 +132,11 @@ def config_help(cls: type, width: int = 100) -> str:
 def namespace_config_args(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The parsed values of `cls`'s fields (the flags `add_dataclass_arguments` made), for `from_dict`."""
     return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+
+
+def given_arguments(namespace: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The flags of `names` that were given, as `key=value` overrides for `load_config` (flags added with
+    `add_dataclass_arguments(..., overrides=True)`)."""
+    return [f"{name}={yaml_value(getattr(namespace, name))}" for name in names
+            if getattr(namespace, name) is not None]
 

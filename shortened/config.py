@@ -168,7 +168,7 @@ class EvalConfig:
     every_tokens: int = setting(0, "evaluate the first checkpoint of every interval of this many tokens")
     every_steps: int = setting(0, "evaluate every checkpoint at a multiple of this many steps")
     tasks: list[str] = setting(help="zero-shot tasks and perplexity sets of the task table",
-                               factory=lambda: list(DEFAULT_EVAL_TASKS))
+                               factory=lambda: list(DEFAULT_EVAL_TASKS), sep=",")
     data_dir: str = setting("", "local mirror of the evaluation datasets")
     limit: int = setting(0, "rows per zero-shot task and windows per perplexity/validation set (0: all; smoke tests "
                             "only)")

@@ -16,6 +16,7 @@ import yaml
 
 from shortened import cli
 from shortened.config import (
+    EvalConfig,
     LoraTrainConfig,
     PrepareConfig,
     PruneConfig,
@@ -115,6 +116,30 @@ def test_parsed_flags_build_the_config():
                                                                                                    False)
     lora = launcher("launch/lora.py").parse_args(["--model", "m", "--data", "d", "--out", "o", "--lr", "3e-4"])
     assert lora == dataclasses.replace(LoraTrainConfig(model="m", data="d", out="o"), lr=3e-4)
+
+
+def test_evaluate_flags_come_from_eval_config_and_override_its_config_file(tmp_path, capsys):
+    settings = tmp_path / "eval.yaml"
+    settings.write_text("tasks: [piqa, ptb]\nlimit: 5\nbatch_size: 4\n")
+    evaluate = launcher("launch/evaluate.py")
+    _, config = evaluate.parse_args(["--model", "m", "--config", str(settings), "--tasks", "boolq,wikitext2",
+                                     "--batch-size", "2"])
+    assert (config.tasks, config.limit, config.batch_size) == (["boolq", "wikitext2"], 5, 2)
+    assert evaluate.parse_args(["--model", "m"])[1] == EvalConfig()
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    help_text = flat(capsys.readouterr().out)
+    for f in dataclasses.fields(EvalConfig):
+        if f.name in evaluate.EVAL_FLAGS:
+            assert f"--{f.name.replace('_', '-')}" in help_text and flat(f.metadata["help"]) in help_text, f.name
+
+
+def test_eval_watch_help_lists_every_eval_key(capsys):
+    with pytest.raises(SystemExit):
+        launcher("launch/eval_watch.py").main(["--help"])
+    help_text = flat(capsys.readouterr().out)
+    for doc in config_keys(EvalConfig):
+        assert f"{doc.key} ({doc.type}, default: {yaml_value(doc.default)})" in help_text, doc.key
 
 
 @pytest.mark.parametrize("script, argv, fragment", [
