@@ -10,7 +10,8 @@
    inline (validation loss, WikiText-2/PTB perplexity, the seven zero-shot tasks on local data), twice from the
    same start with the same tokens: plain, and distilled from the unpruned source model (distill.teacher);
 5. draw curves.png (both runs, the source model as a dashed reference) and print a summary table.
-Every step is skipped or resumed when its output is already there, so a second run finishes quickly.
+Every step is skipped when its output is already there (a training run that was stopped resumes from its newest
+checkpoint), so a second run finishes quickly; each step prints the seconds it took.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ class Sizes:
     tasks: tuple[str, ...]
 
 
-FULL = Sizes(layers=8, hidden=128, remove=2, seq_len=128, pretrain_steps=300, cpt_steps=120, eval_every=40,
-             eval_limit=100, tasks=(*ZERO_SHOT, "wikitext2", "ptb"))
+# A fresh clone's `make demo` (venv included) must finish in 20 minutes on 2 cores: both CPT runs get the same budget.
+FULL = Sizes(layers=8, hidden=128, remove=2, seq_len=128, pretrain_steps=200, cpt_steps=120, eval_every=40,
+             eval_limit=50, tasks=(*ZERO_SHOT, "wikitext2", "ptb"))
 QUICK = Sizes(layers=4, hidden=64, remove=1, seq_len=64, pretrain_steps=30, cpt_steps=16, eval_every=8,
               eval_limit=8, tasks=("piqa", "arc_easy", "wikitext2"))
 
@@ -94,11 +96,13 @@ def main() -> int:
     runs = {"pruned + CPT": out / "cpt", "pruned + CPT + KD": out / "cpt_kd"}
     step(f"continue pretraining the pruned model: DeepSpeed ZeRO-2, 2 CPU ranks, {sizes.cpt_steps} steps, "
          f"inline evaluation every {sizes.eval_every} steps",
-         deepspeed_cmd(runs["pruned + CPT"], pruned, shards["train"], sizes, sizes.cpt_steps, *inline_eval))
+         deepspeed_cmd(runs["pruned + CPT"], pruned, shards["train"], sizes, sizes.cpt_steps, *inline_eval),
+         done=finished(runs["pruned + CPT"], sizes.cpt_steps))
     step("the same from the same start and tokens, distilled from the unpruned source model: loss = KL(source || "
          "student), the Minitron recipe",
          deepspeed_cmd(runs["pruned + CPT + KD"], pruned, shards["train"], sizes, sizes.cpt_steps, *inline_eval,
-                       f"distill.teacher={source}"))
+                       f"distill.teacher={source}"),
+         done=finished(runs["pruned + CPT + KD"], sizes.cpt_steps))
 
     labels = [part for label in runs for part in ("--label", label)]
     step("draw the curves", [sys.executable, "launch/plot_curves.py", *runs.values(), *labels, "--reference",
@@ -116,12 +120,19 @@ def make_source_model(out: Path, sizes: Sizes, train_shards: Path) -> Path:
           "--hidden", sizes.hidden], done=init / "config.json")
     print("  (the paper prunes Vicuna-7B; a small model pretrained briefly here gives pruning real signal)")
     step(f"pretrain it briefly: {sizes.pretrain_steps} steps on the sample, DeepSpeed ZeRO-2 on 2 CPU ranks",
-         deepspeed_cmd(pretrain, init, train_shards, sizes, sizes.pretrain_steps))
+         deepspeed_cmd(pretrain, init, train_shards, sizes, sizes.pretrain_steps),
+         done=finished(pretrain, sizes.pretrain_steps))
     last = sorted((pretrain / "checkpoints").glob("step_*/complete.json"))[-1].parent
     step("export the pretrained checkpoint as a Hugging Face model",
          [sys.executable, "launch/export_hf.py", "--checkpoint", last, "--out", source],
          done=source / "config.json")
     return source
+
+
+def finished(run_dir: Path, steps: int) -> Path:
+    """The marker of a run's final checkpoint (the trainer's layout, `checkpoints/step_NNNNNNNN/complete.json`): a
+    finished run is skipped instead of starting DeepSpeed only to hear there is nothing to train."""
+    return run_dir / "checkpoints" / f"step_{steps:08d}" / "complete.json"
 
 
 def deepspeed_cmd(run_dir: Path, model: Path, shards: Path, sizes: Sizes, steps: int, *extra: str) -> list:
@@ -158,9 +169,11 @@ def step(title: str, cmd: list, done: Path | None = None) -> None:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     if cmd[0] == "deepspeed":
         cmd = [str(Path(sys.executable).parent / "deepspeed"), *cmd[1:]]
+    started = time.monotonic()
     result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
     if result.returncode:
         raise SystemExit(f"demo step failed (exit {result.returncode}): {title}")
+    print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
 
 
 def print_summary(out: Path, source: Path, pruned: Path, runs: dict[str, Path], source_eval: Path,

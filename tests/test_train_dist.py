@@ -303,15 +303,21 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_continues_exactly(
 
 
 def test_one_rank_with_double_accumulation_matches_two_ranks(ref_run, work, train_shards_64, tiny_init_model):
-    """Also with activation checkpointing on: recomputation changes memory, not the numbers."""
+    """Also with activation checkpointing on: recomputation changes memory, not the numbers. Run again, the
+    finished run trains nothing and leaves its log as it was."""
     run_dir = work / "one_rank"
-    run_ok(python(overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}",
-                            "model.activation_checkpointing=true"), work / "one.out"))
+    args = overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}",
+                     "model.activation_checkpointing=true")
+    run_ok(python(args, work / "one.out"))
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["gradient_accumulation_steps"] == 4
     one, two = read_log(run_dir), read_log(ref_run)[:HALF]
     assert one[0]["loss"] == two[0]["loss"]  # the same micro-batches, summed exactly
     for a, b in zip(one, two):
         assert close(a, b, rel=1e-4), (a, b)
+    log_before = (run_dir / "train_log.jsonl").read_text()
+    assert f"step {HALF} already reaches the stop at step {HALF}: nothing to train" in run_ok(
+        python(args, work / "one_again.out"))
+    assert (run_dir / "train_log.jsonl").read_text() == log_before
 
 
 # ---------------------------------------------------------------------------------------------- acceptance 7, 8
