@@ -10,9 +10,10 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
 # Test files run in parallel, a file per worker at a time (its module fixtures, the shared training runs, are built
-# once): half of a 2-rank test's time is process start-up, rendezvous and waits that leave a core idle.
+# once): half of a 2-rank test's time is process start-up, rendezvous and waits that leave a core idle. Files are
+# handed out longest first (tests/conftest.py's order, kept by --no-loadscope-reorder).
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup test test-fast lint demo clean
 

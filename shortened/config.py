@@ -371,6 +371,10 @@ class PrepareConfig:
                                   "(reads all shards) and rebuild the damaged ones; without it a rerun checks "
                                   "presence, size and header")
     hf_data_files: list[str] | None = setting(None, "data files for an hf:// builder input such as hf://json")
+    num_partitions: int = setting(1, "split the input files into this many disjoint parts, one per node or array "
+                                     "task (data_prep/merge_shards.py joins the parts' outputs into one corpus)")
+    partition: int = setting(0, "the part this run prepares, 0 .. num_partitions-1: every num_partitions-th input "
+                                "file of the sorted list, from this one on")
     progress: bool = setting(True, "the live progress bar")
     verbose: bool = setting(True, "resume notes and the final summary")
 
@@ -383,6 +387,9 @@ class PrepareConfig:
             raise ConfigError(f"--max-tokens must be >= 0, got {self.max_tokens}")
         if self.shard_tokens < self.seq_len:
             raise ConfigError(f"--shard-tokens ({self.shard_tokens}) must hold one sequence ({self.seq_len})")
+        if self.num_partitions < 1 or not 0 <= self.partition < self.num_partitions:
+            raise ConfigError(f"--partition must be in 0 .. --num-partitions - 1 ({self.num_partitions - 1}), got "
+                              f"--partition {self.partition} --num-partitions {self.num_partitions}")
         if self.unit_bytes < 0 or 0 < self.unit_bytes < MIN_UNIT_BYTES:
             raise ConfigError(f"--unit-bytes must be 0 (chosen automatically) or at least {MIN_UNIT_BYTES}, "
                               f"got {self.unit_bytes}")
@@ -390,6 +397,19 @@ class PrepareConfig:
     @property
     def sequences_per_shard(self) -> int:
         return self.shard_tokens // self.seq_len
+
+
+@dataclass
+class MergeConfig:
+    """`data_prep/merge_shards.py`: several prepared shard directories (the parts of a partitioned data prep, or
+    any corpora of one tokenizer and seq_len) as one corpus for data.path and data.validation_path."""
+
+    inputs: list[str] = setting(help="the prepared directories, in the order their sequences are numbered")
+    output: str = setting(help="directory for the merged manifest.json; it lists the parts' shards where they lie")
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) < 2:
+            raise ConfigError(f"--inputs: give at least two prepared directories to merge, got {len(self.inputs)}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

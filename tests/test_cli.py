@@ -18,6 +18,7 @@ from shortened import cli
 from shortened.config import (
     EvalConfig,
     LoraTrainConfig,
+    MergeConfig,
     PrepareConfig,
     PruneConfig,
     RunConfig,
@@ -52,7 +53,7 @@ def flat(text: str) -> str:
 
 
 def test_every_dataclass_field_has_help():
-    for cls in (RunConfig, PruneConfig, LoraTrainConfig, PrepareConfig):
+    for cls in (RunConfig, PruneConfig, LoraTrainConfig, PrepareConfig, MergeConfig):
         missing = [doc.key for doc in config_keys(cls) if not doc.help]
         assert not missing, f"{cls.__name__}: no metadata['help'] for {missing}"
 

@@ -38,7 +38,15 @@ from shortened.data.shards import (
     token_dtype,
     version_hint,
 )
-from shortened.data.sources import InputError, InputFile, WorkUnit, auto_unit_bytes, discover, plan_units
+from shortened.data.sources import (
+    InputError,
+    InputFile,
+    WorkUnit,
+    auto_unit_bytes,
+    discover,
+    partition_files,
+    plan_units,
+)
 from shortened.data.tokenize_worker import UnitResult, UnitTask, init_worker, load_unit_result, tokenize_unit
 from shortened.fsutil import LockHeld, atomic_write_json, file_sha256, fsync_dir, remove_stale_temps, take_lock
 from shortened.tokenizer import Tokenizer, load_tokenizer
@@ -73,7 +81,8 @@ class PackState:
 def prepare_shards(config: PrepareConfig) -> dict:
     """Run (or resume, or check and repair, or recognise as done) one preparation; returns the manifest."""
     tokenizer = load_tokenizer(config.tokenizer)
-    files = discover(config.input, config.split, config.hf_data_files)
+    files = partition_files(discover(config.input, config.split, config.hf_data_files), config.num_partitions,
+                            config.partition)
     output = Path(config.output)
     fingerprint = _fingerprint(config, files, tokenizer.sha256)
     with _locked(output):
@@ -323,6 +332,8 @@ class _Packer:
             "inputs": [{"file": f.name} for f in files],
             "shards": shards,
         }
+        if config.num_partitions > 1:  # what data_prep/merge_shards.py checks: every part, each once
+            manifest["partition"] = {"index": config.partition, "of": config.num_partitions}
         atomic_write_json(manifest, self.output / MANIFEST_NAME)  # last: its presence means the output is complete
         return manifest
 
@@ -428,6 +439,8 @@ def _fingerprint(config: PrepareConfig, files: list[InputFile], tokenizer_sha256
         "strict": config.strict,
         "inputs": [_input_identity(f) for f in files],
     }
+    if config.num_partitions > 1:  # only then: an unpartitioned output keeps the fingerprint it always had
+        identity["partition"] = [config.partition, config.num_partitions]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

@@ -210,6 +210,12 @@ class Shard:
         return starts
 
 
+def shard_path(directory: Path, name: str) -> Path:
+    """Where a manifest entry's shard lies: in the directory, or, for a merged corpus (data_prep/merge_shards.py),
+    relative to it in the part's own directory (`../part_1/shard_00000.bin`), so errors name the part."""
+    return Path(os.path.normpath(directory / name))
+
+
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a shard directory; ShardFormatError if it is missing, unreadable or of another version."""
     directory = Path(directory)
@@ -252,7 +258,7 @@ def check_shards(directory: str | Path) -> dict:
         raise ShardFormatError(f"{path}: incomplete manifest (missing {err}); move {directory} aside and prepare "
                                "the shards again") from None
     for name, size, num_sequences, num_tokens, num_docs in entries:
-        problem = shard_problem(directory / name, size, (num_sequences, num_tokens, num_docs), expected)
+        problem = shard_problem(shard_path(directory, name), size, (num_sequences, num_tokens, num_docs), expected)
         if problem is not None:
             raise problem
     return manifest
@@ -292,7 +298,7 @@ class PackedShards:
         self.manifest = check_shards(self.directory)
         self.seq_len: int = self.manifest["seq_len"]
         self.tokenizer_sha256: str = self.manifest["tokenizer_sha256"]
-        self._files = [self.directory / entry["file"] for entry in self.manifest["shards"]]
+        self._files = [shard_path(self.directory, entry["file"]) for entry in self.manifest["shards"]]
         counts = [entry["num_sequences"] for entry in self.manifest["shards"]]
         self._ends = np.cumsum(counts, dtype=np.int64)
         self._shards: list[Shard | None] = [None] * len(self._files)

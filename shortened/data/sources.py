@@ -107,6 +107,22 @@ def discover(input: str, split: str | None = None, hf_data_files: list[str] | tu
     return discover_dataset_shards(HFDataset(input[len(HF_PREFIX):], split or "train", None, files))
 
 
+def partition_files(files: list[InputFile], num_partitions: int, partition: int) -> list[InputFile]:
+    """Part `partition` of `num_partitions`: every num_partitions-th file of the sorted list, from `partition` on.
+
+    It depends only on the list, so every node computes the same parts; they are disjoint and together hold every
+    file. Round-robin rather than by size: a streamed dataset's shards have no sizes, and SlimPajama's chunk files
+    are of one size.
+    """
+    if num_partitions == 1:
+        return files
+    part = files[partition::num_partitions]
+    if not part:
+        raise InputError(f"--partition {partition} of --num-partitions {num_partitions}: the input has only "
+                         f"{len(files)} file(s), so this part would be empty; use at most {len(files)} partitions")
+    return part
+
+
 def discover_inputs(root: str | Path, split: str | None = None) -> list[InputFile]:
     """Every `*.jsonl.zst`, `*.zst` and `*.jsonl` file under `root` (or `root/split`), in sorted path order."""
     root = Path(root)

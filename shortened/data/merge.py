@@ -1,0 +1,135 @@
+"""Several prepared shard directories as one corpus: a merged manifest that lists the parts' shards where they lie.
+
+A partitioned data prep (`--num-partitions N --partition i`, one part per node or array task) writes N complete
+outputs; merging them copies no token. The merged directory holds only `manifest.json`: its shard entries are
+paths relative to it (`../part_1/shard_00000.bin`), its counts are the parts' sums, and its fingerprint is made
+of the parts' fingerprints, so a training run resumed on it checks the data identity as for any corpus. Every
+reader of shards (trainer, validation loss, calibration) reads it unchanged. Sequences are numbered part after
+part, in the order of `inputs`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from shortened.config import MergeConfig
+from shortened.data.prep_stats import MAX_EXAMPLES
+from shortened.data.shards import MANIFEST_NAME, ShardFormatError, check_shards, read_manifest
+from shortened.data.sources import InputError
+from shortened.fsutil import atomic_write_json
+
+# What every part must share for its token ids and sequences to mean the same as the others'.
+MUST_AGREE = ("seq_len", "dtype", "tokenizer_sha256", "vocab_size", "bos_id", "eos_id", "shard_format_version")
+SUMMED = ("num_sequences", "tokens_total", "tokens_in_sequences", "tokens_dropped", "docs_total", "max_tokens")
+
+
+def merge_corpora(config: MergeConfig) -> dict:
+    """Check the parts and write the merged manifest into `config.output`; returns it."""
+    output = Path(config.output)
+    parts = [Path(p) for p in config.inputs]
+    manifests = [check_shards(part) for part in parts]  # each part complete: presence, sizes, headers
+    _check_distinct(parts, output)
+    _check_agree(parts, manifests)
+    _check_partitions(parts, manifests)
+    _check_output(output)
+    merged = _merged_manifest(parts, manifests, output)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(merged, output / MANIFEST_NAME)
+    return merged
+
+
+def _check_distinct(parts: list[Path], output: Path) -> None:
+    seen: dict[Path, Path] = {}
+    for part in parts:
+        resolved = part.resolve()
+        if resolved in seen:
+            raise InputError(f"--inputs: {part} is given twice ({seen[resolved]}): each part's sequences would be "
+                             "read twice")
+        seen[resolved] = part
+    if output.resolve() in seen:
+        raise InputError(f"--output {output}: is one of the --inputs; write the merged manifest to a new directory")
+
+
+def _check_agree(parts: list[Path], manifests: list[dict]) -> None:
+    first, reference = parts[0], manifests[0]
+    for part, manifest in zip(parts[1:], manifests[1:]):
+        for key in MUST_AGREE:
+            if manifest.get(key) != reference.get(key):
+                raise InputError(f"{part}: {key} {manifest.get(key)!r}, but {first} has {reference.get(key)!r}: "
+                                 "merge only corpora prepared with one tokenizer and one --seq-len")
+
+
+def _check_partitions(parts: list[Path], manifests: list[dict]) -> None:
+    """Parts of a partitioned prep come all together, each once; a merge of unpartitioned corpora is free."""
+    partitions = [m.get("partition") for m in manifests]
+    if all(p is None for p in partitions):
+        return
+    if any(p is None for p in partitions):
+        lone = next(part for part, p in zip(parts, partitions) if p is None)
+        raise InputError(f"{lone}: not a partition, but other --inputs are; merge the parts of one partitioned "
+                         "prep, or corpora that are not partitioned")
+    sizes = {m["partition"]["of"] for m in manifests}
+    if len(sizes) > 1:
+        raise InputError(f"--inputs: parts of preps with different --num-partitions ({sorted(sizes)})")
+    size = sizes.pop()
+    indices = [m["partition"]["index"] for m in manifests]
+    twice = sorted({i for i in indices if indices.count(i) > 1})
+    if twice:
+        raise InputError(f"--inputs: partition(s) {twice} given more than once (each part holds other input files)")
+    missing = sorted(set(range(size)) - set(indices))
+    if missing:
+        raise InputError(f"--inputs: partition(s) {missing} of {size} missing: the merged corpus would lack their "
+                         "input files; prepare them (--partition I --num-partitions N) and pass every part")
+
+
+def _check_output(output: Path) -> None:
+    if not (output / MANIFEST_NAME).is_file():
+        return
+    try:
+        existing = read_manifest(output)
+    except ShardFormatError:  # unreadable: not known to be a merge, so not ours to overwrite
+        existing = {}
+    if "merged_from" not in existing:
+        raise InputError(f"--output {output}: holds a prepared corpus, not a merge; write the merge to a new "
+                         "directory")
+
+
+def _merged_manifest(parts: list[Path], manifests: list[dict], output: Path) -> dict[str, Any]:
+    relative = [Path(os.path.relpath(part.resolve(), output.resolve())) for part in parts]
+    merged: dict[str, Any] = {key: manifests[0][key] for key in ("format_version", *MUST_AGREE)}
+    merged.update({key: sum(m.get(key, 0) for m in manifests) for key in SUMMED})
+    merged["fingerprint"] = hashlib.sha256(json.dumps([m["fingerprint"] for m in manifests]).encode()).hexdigest()
+    merged["sources"] = _sum_nested(m.get("sources", {}) for m in manifests)
+    merged["filtered"] = _sum_flat(m.get("filtered", {}) for m in manifests)
+    merged["bad"] = _sum_flat(m.get("bad", {}) for m in manifests)
+    merged["bad_by_file"] = _sum_nested(m.get("bad_by_file", {}) for m in manifests)
+    merged["bad_examples"] = [e for m in manifests for e in m.get("bad_examples", [])][:MAX_EXAMPLES]
+    merged["inputs"] = [entry for m in manifests for entry in m.get("inputs", [])]
+    merged["shards"] = [{**entry, "file": (rel / entry["file"]).as_posix()}
+                        for rel, m in zip(relative, manifests) for entry in m["shards"]]
+    merged["merged_from"] = [{"path": rel.as_posix(), "fingerprint": m["fingerprint"],
+                              "num_sequences": m["num_sequences"], **({"partition": m["partition"]}
+                                                                       if "partition" in m else {})}
+                             for rel, m in zip(relative, manifests)]
+    return merged
+
+
+def _sum_flat(dicts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for key, value in d.items():
+            total[key] = total.get(key, 0) + value
+    return dict(sorted(total.items()))
+
+
+def _sum_nested(dicts) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for d in dicts:
+        for name, counts in d.items():
+            entry = total.setdefault(name, {})
+            for key, value in counts.items():
+                entry[key] = entry.get(key, 0) + value
+    return dict(sorted(total.items()))

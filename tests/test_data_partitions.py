@@ -1,0 +1,123 @@
+"""Data prep across nodes: `--num-partitions N --partition i` prepares a disjoint part of the input files, and
+data_prep/merge_shards.py joins the parts into one corpus with exactly the documents, tokens and per-source counts
+of an unpartitioned run, which the trainer trains on like any other."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shortened.config import ConfigError, PrepareConfig
+from shortened.data.prepare import prepare_shards
+from shortened.data.shards import PackedShards, read_manifest
+from shortened.data.sources import InputError
+
+from conftest import ROOT
+from train_support import overrides, python, read_log, run_ok
+
+PARTS = 3  # the shared sample has 5 train files: parts of 2, 2 and 1
+
+
+def merge_main(argv: list[str]) -> int:
+    spec = importlib.util.spec_from_file_location("merge_shards", ROOT / "data_prep" / "merge_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def prep_config(sample: Path, tokenizer: Path, output: Path, **extra) -> PrepareConfig:
+    return PrepareConfig(input=str(sample), split="train", tokenizer=str(tokenizer), output=str(output), seq_len=64,
+                         workers=1, progress=False, verbose=False, **extra)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, slimpajama_sample, tokenizer_model) -> list[Path]:
+    root = tmp_path_factory.mktemp("partitions")
+    outputs = [root / f"part_{i}" for i in range(PARTS)]
+    for index, output in enumerate(outputs):
+        prepare_shards(prep_config(slimpajama_sample, tokenizer_model, output, num_partitions=PARTS, partition=index))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def merged(parts) -> Path:
+    output = parts[0].parent / "corpus"
+    assert merge_main(["--inputs", *map(str, parts), "--output", str(output)]) == 0
+    return output
+
+
+def test_the_parts_hold_each_input_file_once_and_together_every_document_token_and_source(parts, merged,
+                                                                                          train_shards_64):
+    whole = read_manifest(train_shards_64)  # the same sample, seq_len and tokenizer, unpartitioned
+    manifests = [read_manifest(part) for part in parts]
+    files = [[entry["file"] for entry in m["inputs"]] for m in manifests]
+    assert [len(f) for f in files] == [2, 2, 1]
+    assert sorted(name for part in files for name in part) == sorted(e["file"] for e in whole["inputs"])
+    assert [m["partition"] for m in manifests] == [{"index": i, "of": PARTS} for i in range(PARTS)]
+    assert "partition" not in whole  # an unpartitioned manifest is as it always was
+
+    union = read_manifest(merged)
+    assert (union["docs_total"], union["tokens_total"], union["sources"]) == (
+        whole["docs_total"], whole["tokens_total"], whole["sources"])
+    assert union["tokens_in_sequences"] + union["tokens_dropped"] == whole["tokens_total"]
+    assert union["tokens_dropped"] == sum(m["tokens_dropped"] for m in manifests)  # < one sequence per part
+    assert all(m["tokens_dropped"] < 64 for m in manifests)
+
+
+def test_the_merged_corpus_numbers_the_parts_sequences_part_after_part(parts, merged):
+    corpus = PackedShards(merged)
+    pieces = [PackedShards(part) for part in parts]
+    assert len(corpus) == sum(map(len, pieces))
+    offset = 0
+    for piece in pieces:
+        for row in (0, len(piece) - 1):
+            assert np.array_equal(corpus[offset + row], piece[row])
+            assert np.array_equal(corpus.doc_starts(offset + row), piece.doc_starts(row))
+        offset += len(piece)
+    assert merge_main(["--inputs", *map(str, parts), "--output", str(merged)]) == 0  # a rerun rewrites the same
+    assert read_manifest(merged) == corpus.manifest
+
+
+def test_the_trainer_trains_on_the_merged_corpus(parts, merged, tmp_path, tiny_init_model):
+    run_dir = tmp_path / "run"
+    run_ok(python(overrides(run_dir, merged, tiny_init_model, "train.max_steps=2"), tmp_path / "train.out"))
+    rows = read_log(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    first_part = len(PackedShards(parts[0]))
+    assert any(i >= first_part for r in rows for i in r["sample_ids"])  # it reads beyond the first part
+
+
+@pytest.mark.parametrize("inputs, fragment", [
+    (lambda parts, other: [parts[0], parts[2]], "partition(s) [1] of 3 missing"),
+    (lambda parts, other: [*parts, parts[1]], "is given twice"),
+    (lambda parts, other: [*parts, other], "not a partition, but other --inputs are"),
+    (lambda parts, other: [parts[0]], "--inputs: give at least two prepared directories"),
+])
+def test_a_merge_of_the_wrong_parts_is_one_error_line(parts, train_shards_64, tmp_path, capsys, inputs, fragment):
+    code = merge_main(["--inputs", *map(str, inputs(parts, train_shards_64)), "--output", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_corpora_of_another_seq_len_or_over_a_prepared_output_are_refused(parts, train_shards_64, sample_shards,
+                                                                          tmp_path, capsys):
+    assert merge_main(["--inputs", str(train_shards_64), str(sample_shards), "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"{sample_shards}: seq_len 2048, but {train_shards_64} has 64" in err, err
+    prepared = tmp_path / "prepared"  # a corpus of its own in the output directory: never overwritten
+    prepared.mkdir()
+    manifest = (train_shards_64 / "manifest.json").read_text()
+    (prepared / "manifest.json").write_text(manifest)
+    assert merge_main(["--inputs", *map(str, parts), "--output", str(prepared)]) == 2
+    assert "holds a prepared corpus, not a merge" in capsys.readouterr().err
+    assert (prepared / "manifest.json").read_text() == manifest
+
+
+def test_a_partition_out_of_range_or_without_files_is_refused(slimpajama_sample, tokenizer_model, tmp_path):
+    with pytest.raises(ConfigError, match="--partition must be in 0 .. --num-partitions - 1"):
+        prep_config(slimpajama_sample, tokenizer_model, tmp_path / "x", num_partitions=3, partition=3)
+    with pytest.raises(InputError, match="the input has only 5 file"):
+        prepare_shards(prep_config(slimpajama_sample, tokenizer_model, tmp_path / "x", num_partitions=6, partition=5))
