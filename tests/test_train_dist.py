@@ -57,7 +57,7 @@ KILL_TIMEOUT_S = 30  # train.dist_timeout_s of the kill -9 run
 STUCK_TIMEOUT_S = 10  # train.dist_timeout_s of the stuck-rank run
 
 
-# ---------------------------------------------------------------------------------------------- the runs
+# ------------------------------------------------------------------------------------------------------------- the runs
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def resume_run(work, stop_run, train_shards_64, tiny_init_model) -> tuple[Path, 
     return stop_run, run_ok(job)
 
 
-# ---------------------------------------------------------------------------------------------- acceptance 1, 2
+# ------------------------------------------------------------------------------------------ training and bitwise resume
 
 
 def test_tiny_model_trains_on_the_shared_sample_and_its_loss_falls(ref_run):
@@ -128,7 +128,7 @@ def test_resume_in_new_processes_gives_bitwise_equal_losses(ref_run, resume_run)
         assert same(a, b), (a, b)
 
 
-# ---------------------------------------------------------------------------------------------- acceptance 3, 4
+# -------------------------------------------------------------------------------- kill -9 during a save, SIGTERM, hooks
 
 
 def read_log_lines(run_dir: Path) -> list[dict]:
@@ -233,7 +233,7 @@ def test_hooks_run_on_every_rank_after_each_step_and_after_complete_checkpoints(
         assert all(e["complete"] for e in saved)
 
 
-# ---------------------------------------------------------------------------------------------- acceptance 5, 6
+# ------------------------------------------------------------- world-size change, changed settings, damaged checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_one_rank_with_double_accumulation_matches_two_ranks(ref_run, work, trai
     assert (run_dir / "train_log.jsonl").read_text() == log_before
 
 
-# ---------------------------------------------------------------------------------------------- acceptance 7, 8
+# ---------------------------------------------------------------------------------------------- config mismatch, export
 
 
 def test_a_checkpoint_that_differs_from_the_config_fails_fast_naming_the_difference(
@@ -372,7 +372,7 @@ def test_exported_hf_model_reproduces_the_training_weights_logits(ref_run, work,
         export_hf(ckpt.checkpoints_root(ref_run), work / "nothing")
 
 
-# ---------------------------------------------------------------------------------------------- NaN, stuck rank
+# ------------------------------------------------------------------------------------------------------ NaN, stuck rank
 
 
 def nan_token(shards_dir: Path, data_seed: int, step: int, steps: int) -> int:
@@ -432,7 +432,7 @@ def test_a_stuck_rank_ends_the_job_within_the_collective_timeout(work, train_sha
     assert f"Timed out waiting {STUCK_TIMEOUT_S * 1000}ms" in job.output()
 
 
-# ---------------------------------------------------------------------------------------------- inline evaluation
+# ---------------------------------------------------------------------------------------------------- inline evaluation
 
 
 def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_run, work, train_shards_64,
@@ -475,7 +475,7 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
     assert (run_dir / "logs" / "eval_rank1.log").is_file()  # every rank's scorer output has its file
 
 
-# ---------------------------------------------------------------------------------------------- streamed raw input
+# --------------------------------------------------------------------------------------------------- streamed raw input
 
 
 def test_streamed_raw_input_trains_in_input_order_and_resumes_exactly(work, slimpajama_sample, tiny_init_model,
