@@ -86,13 +86,13 @@ def hook_context(model, step: int, run_dir, tokenizer_model) -> StepContext:
 
 def inline_evaluation(config: EvalConfig, run_dir, tokenizer_model):
     """The trainer's hook, called the way the trainer calls it: before_training at the first call (the start of a
-    new run at step 0 evaluates), after_step from step 1 on."""
+    new run at step 0, or a resume at a later step, from that step's checkpoint), after_step after each later step."""
     hook = InlineEvaluation(RunConfig(train=TrainConfig(max_steps=STEPS), eval=config))
 
     def after_step(model, step, tokens):
         if hook.evaluator is None:
             call_hooks([hook], "before_training", hook_context(model, step, run_dir, tokenizer_model))
-        if step > 0:
+        else:
             call_hooks([hook], "after_step", hook_context(model, step, run_dir, tokenizer_model))
 
     return after_step
@@ -140,7 +140,7 @@ def test_rng_and_mode_restored_even_when_everything_fails(tmp_path, tokenizer_mo
     model.model.layers[0].eval()  # a mixed mode must come back module by module
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
-    inline_evaluation(config, tmp_path / "run", tokenizer_model)(model, 5, 5 * STEP_TOKENS)
+    inline_evaluation(config, tmp_path / "run", tokenizer_model)(model, 5, 5 * STEP_TOKENS)  # resumed at 5
     rows = read_results(tmp_path / "run" / "results.jsonl")
     assert [r["status"] for r in rows] == ["failed", "failed", "failed"]  # piqa, wikitext2, the mean
     assert "prepare_eval_data.py" in rows[0]["error"]  # a missing mirror names the command that writes it
@@ -170,3 +170,26 @@ def test_config_mistakes_stop_the_job_at_start_up(tmp_path, tokenizer_model):
         InlineEvaluator(EvalConfig(tasks=["boolqq"]), tmp_path, tokenizer_model)
     with pytest.raises(ConfigError, match="eval.data_dir: .*prepare_eval_data.py"):
         EvalConfig(mode="inline", every_steps=100)
+
+
+def test_a_resume_evaluates_the_point_its_stopped_run_missed_and_only_that(tmp_path, mirror, tokenizer_model):
+    """The trainer saves a checkpoint, then evaluates: a job stopped during that evaluation resumes from a
+    checkpoint whose evaluation point has no rows. The resumed run evaluates it first; points that have rows, and
+    steps that are no evaluation point, are left alone."""
+    config = EvalConfig(mode="inline", every_steps=3, tasks=["piqa"], data_dir=str(mirror), limit=2, batch_size=4)
+    run_dir = tmp_path / "run"
+    model = build_tiny_llama(seed=0, num_layers=2).train()
+    run = inline_evaluation(config, run_dir, tokenizer_model)
+    for step in range(4):  # the first run: step 0 and step 3 evaluated; then stopped after step 6's checkpoint
+        run(model, step, step * STEP_TOKENS)
+
+    def resume_at(step: int) -> list[int]:
+        hook = InlineEvaluation(RunConfig(train=TrainConfig(max_steps=STEPS), eval=config))
+        call_hooks([hook], "before_training", hook_context(model, step, run_dir, tokenizer_model))
+        return sorted({r["step"] for r in read_results(run_dir / "results.jsonl") if r["task"] == "piqa"})
+
+    assert resume_at(6) == [0, 3, 6]  # the missed point, evaluated on resume
+    assert resume_at(6) == [0, 3, 6]  # stopped again before step 7: not evaluated twice
+    assert resume_at(3) == [0, 3, 6]  # has its rows
+    assert resume_at(4) == [0, 3, 6]  # no evaluation point
+    assert model.training  # the hook layer restored the mode

@@ -10,7 +10,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch.distributed as dist
+
 from shortened.config import ConfigError, RunConfig
+from shortened.eval.results import read_results
+from shortened.train.distributed import broadcast_object
 from shortened.train.hooks import StepContext, TrainerHook
 
 if TYPE_CHECKING:  # the evaluation stack (lm-eval, datasets) is imported only when inline evaluation is on
@@ -35,8 +39,24 @@ class InlineEvaluation(TrainerHook):
         # Collective, and a bad task name raises here: before any compute is spent on training.
         self.evaluator = InlineEvaluator(self.config.eval, ctx.run_dir, ctx.tokenizer_file,
                                          validation_path=self.config.data.validation_path)
-        if ctx.step == 0:
+        if ctx.step == 0 or self._missed_at_resume(ctx):
             self.evaluator(ctx.model, ctx.step, ctx.tokens)
+
+    def _missed_at_resume(self, ctx: StepContext) -> bool:
+        """Whether the checkpoint this run resumes from was an evaluation point that has no rows: the job stopped
+        after saving it, while that evaluation ran (a preemption, a kill). The weights are the step's own, so
+        evaluating now gives the rows it would have written; without this the point would be silently lost."""
+        assert self.evaluator is not None
+        if not self.evaluator.due(ctx.step, ctx.tokens, ctx.step_tokens):
+            return False
+        missing = ctx.rank == 0 and not any(row.get("step") == ctx.step and row.get("source") == "inline"
+                                            for row in read_results(self.evaluator.results_path))
+        if dist.is_initialized():  # rank 0 reads results.jsonl; every rank must take the same branch
+            missing = bool(broadcast_object(missing))
+        if missing and ctx.rank == 0:
+            log.warning("the evaluation at step %d has no rows in %s (the job stopped while it ran): evaluating it "
+                        "now", ctx.step, self.evaluator.results_path)
+        return missing
 
     def after_step(self, ctx: StepContext) -> None:
         if self.evaluator is not None and self.evaluator.due(ctx.step, ctx.tokens, ctx.step_tokens):
