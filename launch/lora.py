@@ -1,4 +1,5 @@
-"""LoRA retraining of a (pruned) model on Alpaca-format data; resumes from its last checkpoint when re-run.
+"""LoRA retraining of a (pruned) model on instruction data (Alpaca records or conversations); resumes from its
+last checkpoint when re-run.
 
     python launch/lora.py --model DIR --data alpaca.json --out DIR
 

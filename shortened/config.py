@@ -310,7 +310,9 @@ class LoraTrainConfig:
     """`launch/lora.py`: the Shortened LLaMA v1 recovery recipe (LLM-Pruner's post-training), PEFT LoRA."""
 
     model: str = setting("", "the (pruned) Hugging Face model directory", required=True)
-    data: str = setting("", "Alpaca-format .json (a list) or .jsonl: instruction / input / output", required=True)
+    data: str = setting("", "instruction data, .json (a list) or .jsonl: Alpaca records (instruction / input / "
+                            "output) or conversations (ShareGPT / Vicuna: conversations: [{from, value}])",
+                        required=True)
     out: str = setting("", "run directory: checkpoints/, train_log.jsonl, merged/ (the fp16 HF model); re-running "
                            "with it resumes", required=True)
     r: int = setting(8, "LoRA rank")
@@ -337,7 +339,7 @@ class LoraTrainConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "lora.model", "set the model directory (--model)")
-        _require(bool(self.data), "lora.data", "set the Alpaca-format data file (--data)")
+        _require(bool(self.data), "lora.data", "set the instruction data file (--data)")
         _require(bool(self.out), "lora.out", "set the output directory (--out)")
         _require(self.r > 0 and self.alpha > 0, "lora.r", "rank and alpha must be positive")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")

@@ -1,4 +1,5 @@
-"""Alpaca-format instruction data for LoRA retraining, tokenised as alpaca-lora / LLM-Pruner do.
+"""Instruction data for LoRA retraining: Alpaca records, tokenised as alpaca-lora / LLM-Pruner do, or conversations
+(`shortened.prune.conversation`).
 
 Each record has `instruction`, optional `input`, and `output`. The prompt is the Alpaca template; the example is
 BOS + prompt + output, cut at `cutoff_len` tokens, with EOS appended when it fits. Unless `train_on_inputs`, the
@@ -10,14 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from shortened.prune.conversation import IGNORE_INDEX, check_conversation, encode_conversation
 from shortened.prune.errors import PruneInputError
 from shortened.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -44,8 +45,10 @@ class Example:
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
-def read_alpaca(path: str | Path) -> list[dict[str, str]]:
-    """Records from a JSON list (`.json`, as Alpaca ships) or one object a line (`.jsonl`)."""
+def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
+    """Records from a JSON list (`.json`, as Alpaca ships) or one object a line (`.jsonl`): Alpaca records
+    (`instruction`, `input`, `output`) or conversations (`conversations: [{from, value}]`, ShareGPT / Vicuna), the
+    first record deciding which; each is checked, and a bad one is named by file, record and field."""
     path = Path(path)
     if not path.is_file():
         raise InstructDataError(f"{path}: no such instruction data file")
@@ -59,24 +62,34 @@ def read_alpaca(path: str | Path) -> list[dict[str, str]]:
         raise InstructDataError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
     if not isinstance(records, list) or not records:
         raise InstructDataError(f"{path}: expected a non-empty list of instruction records")
+    conversations = isinstance(records[0], dict) and "conversations" in records[0]
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise InstructDataError(f"{path}: record {index} is not an object")
-        for key in ("instruction", "output"):
-            if not isinstance(record.get(key), str):
-                raise InstructDataError(f"{path}: record {index} has no string {key!r} (Alpaca format: "
-                                        "instruction, input, output)")
-        if not isinstance(record.get("input", ""), str):
-            raise InstructDataError(f"{path}: record {index}: 'input' must be a string")
+        if conversations:
+            check_conversation(path, index, record)
+        else:
+            _check_alpaca(path, index, record)
     return records
 
 
-def prompt_for(record: dict[str, str]) -> str:
+def _check_alpaca(path: Path, index: int, record: dict[str, Any]) -> None:
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            raise InstructDataError(f"{path}: record {index} has no string {key!r} (Alpaca format: instruction, "
+                                    "input, output; or conversations: [{from, value}] in every record)")
+    if not isinstance(record.get("input", ""), str):
+        raise InstructDataError(f"{path}: record {index}: 'input' must be a string")
+
+
+def prompt_for(record: dict[str, Any]) -> str:
     template = PROMPT_WITH_INPUT if record.get("input") else PROMPT_NO_INPUT
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
-def encode_example(record: dict[str, str], tokenizer: Tokenizer, cutoff_len: int, train_on_inputs: bool) -> Example:
+def encode_example(record: dict[str, Any], tokenizer: Tokenizer, cutoff_len: int, train_on_inputs: bool) -> Example:
+    if "conversations" in record:
+        return Example(*encode_conversation(record, tokenizer, cutoff_len, train_on_inputs))
     prompt = prompt_for(record)
     ids = ([tokenizer.bos_id] + tokenizer.encode(prompt + record["output"]))[:cutoff_len]
     if len(ids) < cutoff_len:
