@@ -223,6 +223,59 @@ def test_batch_size_does_not_change_perplexity_or_taylor(model_dir, windows):
     assert small == pytest.approx(whole, rel=1e-4)
 
 
+def all_blocks_at_once_taylor(model, windows, batch_size):
+    """The reference: every block's weights require grad at once, in fp32, and their .grad sums all batches."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = list(model.model.layers)
+    for block in blocks:
+        block.requires_grad_(True)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        (loss / tokens).backward()
+    return [sum((p.double() * p.grad.double()).abs().sum().item() for p in block.parameters()) for block in blocks]
+
+
+def test_taylor_block_by_block_equals_all_blocks_at_once(model_dir, windows):
+    reference = all_blocks_at_once_taylor(load(model_dir), windows, 5)
+    model = load(model_dir)
+    assert SCORERS["taylor"](model, windows, 5, FP32) == pytest.approx(reference, rel=1e-6)
+    # Three blocks: the two identities and the real block that the scores rank next.
+    selection = select_blocks(model, windows, "taylor", 3, protect_first=0, protect_last=0, iterative=False,
+                              batch_size=5, dtype=FP32)
+    assert sorted(selection.removed) == sorted(sorted(range(NUM_LAYERS), key=lambda b: (reference[b], b))[:3])
+
+
+def test_taylor_leaves_a_bf16_model_exactly_as_it_was(model_dir, windows):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model.lm_head.requires_grad_(False)  # a mix of flags: each must come back as it was
+    params = {name: (p, p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    windows = windows[:4]  # bf16 matmuls are slow on CPU
+    with pytest.raises(ValueError, match="float32"):  # a bf16 model cannot compute in fp32 without autocast
+        SCORERS["taylor"](model, windows, 2, FP32)
+    scores = SCORERS["taylor"](model, windows, 2, torch.bfloat16)
+    assert dict(model.named_parameters()).keys() == params.keys()
+    for name, p in model.named_parameters():
+        original, value, requires_grad = params[name]
+        assert p is original and p.dtype == torch.bfloat16 and p.requires_grad == requires_grad and p.grad is None
+        assert torch.equal(p, value), name
+    assert all(torch.equal(b, buffers[name]) and b.dtype == buffers[name].dtype for name, b in model.named_buffers())
+    assert [scores[i] for i in IDENTITY] == [0.0, 0.0]
+    assert min(s for i, s in enumerate(scores) if i not in IDENTITY) > 0
+
+
+def test_taylor_pipeline_scores_in_bf16_and_saves_the_stored_dtype(model_dir, tmp_path):
+    report = prune(prune_config(model_dir, tmp_path / "out", criterion="taylor", dtype="bfloat16", calib_samples=4))
+    assert report["removed_blocks"] == IDENTITY and report["dtype"] == "bfloat16"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in saved.parameters()} == {FP32}
+
+
 def test_vicuna_ratio_to_block_count_table():
     config = vicuna_7b_config()
     total, block = param_count(config), block_param_count(config)

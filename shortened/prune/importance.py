@@ -27,7 +27,8 @@ GRADIENT_CRITERIA = ("taylor",)
 
 
 def compute_context(model: nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Autocast to `dtype` when the weights are kept in fp32 (Taylor), nothing when they already are `dtype`."""
+    """Autocast to `dtype` when the weights are in another dtype (fp32 weights, bf16 compute), nothing when they
+    already are `dtype`."""
     weight_dtype = next(model.parameters()).dtype
     if weight_dtype == dtype:
         return contextlib.nullcontext()
@@ -66,33 +67,72 @@ def ppl_scores(model: nn.Module, windows: torch.Tensor, batch_size: int, dtype: 
 
 
 def taylor_scores(model: nn.Module, windows: torch.Tensor, batch_size: int, dtype: torch.dtype) -> list[float]:
-    """Gradients accumulate in fp32 parameters' .grad over all batches, then |W * G| is summed per block."""
-    layers = decoder_layers(model)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("taylor needs the model's weights in float32 so gradients accumulate in fp32; "
-                         "load it in float32 and let `dtype` set the autocast precision")
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    block_params = {p for layer in layers for p in layer.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(p in block_params)  # embeddings and head need no gradient: saves their memory
-        p.grad = None
+    """`taylor_block_score` of every block, one block at a time: at any moment only one block has fp32 weights
+    and gradients, so memory is the model in its own dtype plus one block in fp32 plus activations."""
+    num_blocks = len(decoder_layers(model))
+    return [taylor_block_score(model, index, windows, batch_size, dtype)
+            for index in tqdm(range(num_blocks), desc="taylor: one block at a time", unit="block")]
+
+
+def taylor_block_score(
+    model: nn.Module, index: int, windows: torch.Tensor, batch_size: int, dtype: torch.dtype
+) -> float:
+    """Sum over block `index`'s weights of |W * G|, G the gradient of the mean calibration loss, accumulated in fp32
+    over all batches. The model is left as it was: the same parameters, dtypes and requires_grad flags, no .grad."""
+    block = decoder_layers(model)[index]
     device = next(model.parameters()).device
     tokens = windows.shape[0] * (windows.shape[1] - 1)
+    compute = _taylor_context(model, dtype)  # checked before any parameter is swapped
+    # Nothing before the block requires grad, so autograd records no graph there: the graph starts at its input.
+    with _frozen(model), _fp32_trainable_copy(block) as params, compute:
+        for batch in _batches(windows, batch_size, device):
+            # Dividing by all calibration tokens makes the summed gradient that of the mean loss, whatever batch_size.
+            (_nll_sum(model, batch) / tokens).backward()
+    with torch.no_grad():
+        return sum((p.double() * p.grad.double()).abs().sum().item() for p in params if p.grad is not None)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad inside; every flag is restored on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
     try:
-        # Dividing by all calibration tokens makes the summed gradient that of the mean loss, whatever batch_size.
-        with compute_context(model, dtype):
-            for batch in tqdm(list(_batches(windows, batch_size, device)), desc="taylor: gradients", unit="batch"):
-                (_nll_sum(model, batch) / tokens).backward()
-        with torch.no_grad():
-            scores = [
-                sum((p.double() * p.grad.double()).abs().sum().item() for p in layer.parameters() if p.grad is not None)
-                for layer in layers
-            ]
+        yield
     finally:
-        for p, flag in requires_grad.items():
-            p.grad = None
+        for p, flag in flags.items():
             p.requires_grad_(flag)
-    return scores
+
+
+@contextlib.contextmanager
+def _fp32_trainable_copy(block: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Swap each parameter of `block` for an fp32 copy that requires grad (gradients then accumulate in fp32 in the
+    copy's .grad); the original Parameter objects are put back on exit. An fp32 weight is shared, not copied:
+    nothing writes to it."""
+    slots = [(module, name, param) for module in block.modules()
+             for name, param in module.named_parameters(recurse=False)]
+    copies: dict[nn.Parameter, nn.Parameter] = {}
+    for module, name, param in slots:
+        if param not in copies:  # a weight shared within the block stays shared, so its gradient is not split
+            copies[param] = nn.Parameter(param.detach().to(torch.float32), requires_grad=True)
+        setattr(module, name, copies[param])
+    try:
+        yield list(copies.values())
+    finally:
+        for module, name, param in slots:
+            setattr(module, name, param)
+
+
+def _taylor_context(model: nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The fp32 block meets the other blocks' activations in `dtype`: autocast runs its matmuls (and those of an
+    fp32 model) in `dtype`. Without autocast, for `dtype` float32, every weight must already be fp32."""
+    if dtype != torch.float32:
+        return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("taylor with dtype float32 needs the model's weights in float32; load it in float32 or "
+                         "score in the dtype it is loaded in")
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from shortened.prune.hf_model import (
     save_model_dir,
     stored_dtype,
 )
-from shortened.prune.importance import GRADIENT_CRITERIA, perplexity
+from shortened.prune.importance import perplexity
 from shortened.prune.selection import select_blocks
 from shortened.tokenizer import load_tokenizer
 
@@ -58,9 +58,8 @@ def prune(config: PruneConfig, command: str = "", overwrite: bool = False) -> di
     windows = calibration_windows(
         config.calib, tokenizer, config.calib_samples, config.calib_len, config.seed, config.calib_field
     )
-    # Taylor keeps fp32 weights so gradients accumulate in fp32; `dtype` then only sets the autocast precision.
-    weights_dtype = torch.float32 if config.criterion in GRADIENT_CRITERIA else dtype
-    model = load_causal_lm(model_dir, weights_dtype, device)
+    # Every criterion, taylor included, scores the model in `dtype`: taylor makes one block at a time fp32 itself.
+    model = load_causal_lm(model_dir, dtype, device)
     block_params = block_param_counts(model)
     params_before = sum(p.numel() for p in model.parameters())
 
@@ -73,7 +72,7 @@ def prune(config: PruneConfig, command: str = "", overwrite: bool = False) -> di
     with skip_blocks(model, selection.removed):
         ppl_after = perplexity(model, windows, config.calib_batch_size, dtype)
 
-    if weights_dtype != stored_dtype(model_dir):
+    if dtype != stored_dtype(model_dir):
         # Scoring precision must not become the saved precision: prune a fresh copy in the stored dtype.
         del model
         gc.collect()
