@@ -1,8 +1,10 @@
 """Shared fixtures: paths to the real data in ../shared/data and a tiny real Llama."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -52,6 +54,14 @@ def tokenizer_model() -> Path:
 def slimpajama_sample() -> Path:
     assert SLIMPAJAMA_SAMPLE.is_dir(), f"missing {SLIMPAJAMA_SAMPLE}"
     return SLIMPAJAMA_SAMPLE
+
+
+def launcher(path: str) -> ModuleType:
+    """A launch script as a module (not run as __main__), so its main(argv) can be called here."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem + "_under_test", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -4,12 +4,9 @@ input into one `error:` line and exit 2. In-process `main(argv)` calls where pos
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import runpy
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
@@ -29,17 +26,9 @@ from shortened.config import (
 )
 from shortened.train.cli import cpt_main, cpt_parser
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, launcher, subprocess_env
 
 RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
-
-
-def launcher(path: str) -> ModuleType:
-    """A launch script as a module (not run as __main__), so its main(argv) can be called here."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem + "_under_test", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def assert_one_error_line(code: int | None, stderr: str, fragment: str) -> None:

@@ -3,7 +3,6 @@ data_prep/merge_shards.py joins the parts into one corpus with exactly the docum
 of an unpartitioned run, which the trainer trains on like any other."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,14 @@ from shortened.data.prepare import prepare_shards
 from shortened.data.shards import PackedShards, read_manifest
 from shortened.data.sources import InputError
 
-from conftest import ROOT
+from conftest import launcher
 from train_support import overrides, python, read_log, run_ok
 
 PARTS = 3  # the shared sample has 5 train files: parts of 2, 2 and 1
 
 
 def merge_main(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("merge_shards", ROOT / "data_prep" / "merge_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return launcher("data_prep/merge_shards.py").main(argv)
 
 
 def prep_config(sample: Path, tokenizer: Path, output: Path, **extra) -> PrepareConfig:

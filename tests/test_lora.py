@@ -1,4 +1,5 @@
-"""LoRA retraining on a real tiny Llama with Alpaca-format data built from real PIQA and BoolQ rows."""
+"""LoRA retraining on a real tiny Llama with Alpaca-format data built from real PIQA and BoolQ rows, and the chain
+from a CPT checkpoint through LoRA on conversation data to an evaluated merged model."""
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ from shortened.prune.lora import ResumeMismatch, StepPlan, merge_lora, train_lor
 from shortened.prune.lora_checkpoint import complete_checkpoints, save_checkpoint
 from shortened.rng import load_rng_state
 from shortened.tokenizer import load_tokenizer
+from shortened.train.cli import export_main
 
-from conftest import EVAL_DATA, ROOT, subprocess_env
+from conftest import EVAL_DATA, ROOT, launcher, subprocess_env
+from train_support import overrides, python, read_log, run_ok
 
 # Small and quick for CI: 24 examples, batch 4 (2 x 2), 2 epochs = 12 steps; a higher lr than the recipe's 1e-4 so
 # that a few steps move a randomly initialised model visibly.
@@ -235,3 +238,46 @@ def test_resume_truncates_the_log_with_the_trainers_function(tmp_path):
     log.write_text('{"step": 1}\n{"step": 2}\n{"st')
     truncate_log(log, 1)
     assert log.read_text() == '{"step": 1}\n'
+
+
+# --------------------------------------------------------------------------------------------- CPT, then LoRA
+
+
+def conversations(count: int) -> list[dict]:
+    rows = [json.loads(line) for line in (EVAL_DATA / "boolq" / "validation.jsonl").read_text().splitlines()[:count]]
+    return [{"conversations": [{"from": "human", "value": f"{r['passage'][:300]}\nQuestion: {r['question']}?"},
+                               {"from": "gpt", "value": "Yes." if r["label"] else "No."}]} for r in rows]
+
+
+def test_a_cpt_checkpoint_exported_lora_tuned_merged_and_evaluated(tmp_path, base_dir, train_shards_64):
+    """The documented chain (docs/pruning.md, "CPT, then LoRA"), each step the command users run: launch/cpt.py ->
+    launch/export_hf.py -> launch/lora.py on conversation data -> launch/evaluate.py on the merged model."""
+    run_dir = tmp_path / "cpt"
+    run_ok(python(overrides(run_dir, train_shards_64, base_dir, "train.max_steps=4"), tmp_path / "cpt.out"))
+    assert len(read_log(run_dir)) == 4
+    checkpoint = run_dir / "checkpoints" / "step_00000004"
+
+    exported = tmp_path / "cpt_hf"
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(exported)]) == 0  # launch/export_hf.py
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in conversations(16)))
+    lora_out = tmp_path / "lora"
+    assert launcher("launch/lora.py").main(
+        ["--model", str(exported), "--data", str(chats), "--out", str(lora_out), "--epochs", "2",
+         "--micro-batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "1", "--cutoff-len",
+         "160", "--device", "cpu", "--dtype", "float32"]) == 0
+    log = [json.loads(line) for line in (lora_out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and log[-1]["loss"] < log[0]["loss"]
+    merged = lora_out / "merged"
+    tuned, start = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32) for d in (merged, exported))
+    assert tuned.config.num_hidden_layers == start.config.num_hidden_layers
+    assert not torch.equal(tuned.model.layers[0].self_attn.q_proj.weight, start.model.layers[0].self_attn.q_proj.weight)
+
+    result = tmp_path / "eval.json"
+    code = launcher("launch/evaluate.py").main(
+        ["--model", str(merged), "--data-dir", str(EVAL_DATA), "--tasks", "boolq,wikitext2", "--limit", "8",
+         "--device", "cpu", "--output", str(result)])
+    assert code == 0  # 1: a task failed (the table printed above says which)
+    scores = json.loads(result.read_text())
+    assert 0 <= scores["boolq"]["acc"] <= 1 and scores["wikitext2"]["ppl"] > 1
