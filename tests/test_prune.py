@@ -48,7 +48,7 @@ def prune_config(model_dir, out, **overrides) -> PruneConfig:
     return from_dict(PruneConfig, values)
 
 
-# ------------------------------------------------------------------------------------------ acceptance 1
+# ------------------------------------------------------------------------ the criteria rank and remove the right blocks
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -104,7 +104,7 @@ def test_protected_blocks_are_never_removed(model_dir, windows):
                       batch_size=10, dtype=FP32)
 
 
-# ------------------------------------------------------------------------------------------ acceptance 2
+# ------------------------------------------------------------------------ the pruned model: reload, generation, layouts
 
 
 def test_pruned_model_reloads_generates_and_equals_the_original_with_blocks_skipped(model_dir, tmp_path, windows):
@@ -200,7 +200,7 @@ def test_remove_blocks_refuses_bad_indices():
         remove_blocks(model, [0, 1, 2])
 
 
-# ------------------------------------------------------------------------------------------ acceptance 3
+# ------------------------------------------------------------------- determinism, batch size, Taylor+ at bounded memory
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "ppl"])
