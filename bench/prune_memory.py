@@ -16,8 +16,10 @@ once the model is built, before scoring. The block-at-a-time child also counts t
 projection.
 
 Block 0's pass is the block-at-a-time peak: its graph spans every block, later blocks' graphs are shorter and the
-weights are the same size. On a CPU without bf16 kernels each block costs a forward and backward of the model, so
-`--score-blocks N` scores blocks 0 .. N-1 only (the default: all).
+weights are the same size. Each block costs a forward and backward of the model, so `--score-blocks N` scores blocks
+0 .. N-1 only (the default: all). On a CPU without bf16 kernels (AVX2 only) bf16 runs far too slowly for a 1B model
+(one 256-token block pass had not finished after 14 minutes); `--dtype float32` then builds and scores the model in
+fp32 on both sides, which measures the gradients' share of the saving but not the bf16 weights'.
 """
 from __future__ import annotations
 
@@ -101,8 +103,10 @@ def projection(shape: Shape, tokens: int) -> dict[str, float]:
         "fp32 weights": 4 * total,
         "all blocks' grads": 4 * shape.blocks * block,
         "all blocks' bf16 casts": 2 * shape.blocks * block,
-        # the baseline's activations are at least these: its residual stream is fp32
-        "all at once (at least)": 4 * total + 6 * shape.blocks * block + saved + loss,
+        # autocast caches the casts for the whole run; backward frees a block's activations before the earlier
+        # blocks' gradients arrive, so at least the larger of the two is live at once (activations: fp32 residual
+        # stream there, so these are a floor)
+        "all at once (at least)": 4 * total + 2 * shape.blocks * block + max(4 * shape.blocks * block, saved + loss),
     }
 
 
@@ -121,7 +125,8 @@ def all_blocks_at_once(model, windows, batch_size: int, dtype) -> list[float]:
     for block in blocks:
         block.requires_grad_(True)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
-    with torch.autocast(device_type="cpu", dtype=dtype):
+    compute = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with compute:
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size]
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
@@ -174,7 +179,8 @@ def child(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(bench_shape(args).config(), dtype=torch.bfloat16).eval()
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    model = AutoModelForCausalLM.from_config(bench_shape(args).config(), dtype=dtype).eval()
     if args.child == "all-at-once":
         model.float()  # parameter by parameter: the peak stays near the fp32 model, as loading it in fp32
     windows = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -182,9 +188,9 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     saved = 0
     if args.child == "all-at-once":
-        scores = all_blocks_at_once(model, windows, args.batch_size, torch.bfloat16)[: args.score_blocks]
+        scores = all_blocks_at_once(model, windows, args.batch_size, dtype)[: args.score_blocks]
     else:
-        scores, saved = one_block_at_a_time(model, windows, args.batch_size, torch.bfloat16, args.score_blocks)
+        scores, saved = one_block_at_a_time(model, windows, args.batch_size, dtype, args.score_blocks)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"peak": peak, "built": built, "seconds": time.perf_counter() - start, "scores": scores,
                       "saved_block0": saved}))
@@ -234,6 +240,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="model and compute dtype of the block-at-a-time way (float32: fast on a CPU without bf16 "
+                             "kernels, but then only the gradients differ between the two ways)")
     parser.add_argument("--score-blocks", type=int, default=None, help="score blocks 0 .. N-1 (default: all)")
     parser.add_argument("--child", choices=["all-at-once", "one-block"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -246,15 +255,17 @@ def main() -> None:
     tokens = args.samples * args.seq_len
     expected = projection(shape, min(tokens, args.batch_size * args.seq_len))
     print(f"random Llama: {shape.blocks} blocks, hidden {shape.hidden}, intermediate {shape.intermediate}, "
-          f"{shape.heads} heads, vocab {shape.vocab}: {expected['params'] / 1e9:.2f}B parameters, built in bf16; "
-          f"calibration {args.samples} x {args.seq_len} random tokens, batch {args.batch_size}, autocast bf16, CPU; "
+          f"{shape.heads} heads, vocab {shape.vocab}: {expected['params'] / 1e9:.2f}B parameters, built in "
+          f"{args.dtype}; calibration {args.samples} x {args.seq_len} random tokens, batch {args.batch_size}, "
+          f"compute {args.dtype}, CPU; "
           "measured: ru_maxrss of each approach's own subprocess")
     argv = sys.argv[1:]
     bounded = run_child("one-block", argv)
+    formula = expected["saved activations"] + expected["block cast"]  # the projection's terms, bf16 compute only
     print(f"one block at a time: peak {bounded['peak'] / GIB:6.2f} GiB (model built: {bounded['built'] / GIB:.2f} "
           f"GiB), {len(bounded['scores'])} blocks scored in {bounded['seconds']:.0f} s; saved for block 0's backward "
-          f"{bounded['saved_block0'] / GIB:.2f} GiB (the projection's saved activations + the block's bf16 cast: "
-          f"{(expected['saved activations'] + expected['block cast']) / GIB:.2f} GiB)")
+          f"{bounded['saved_block0'] / GIB:.2f} GiB"
+          + (f" (projection's bf16 terms: {formula / GIB:.2f} GiB)" if args.dtype == "bfloat16" else ""))
     need, free = expected["all at once (at least)"], available_bytes()
     if need > 0.8 * free:
         print(f"all blocks at once: skipped, it needs at least {need / GIB:.1f} GiB and {free / GIB:.1f} GiB is "
@@ -265,8 +276,8 @@ def main() -> None:
               f"{baseline['built'] / GIB:.2f} GiB), scored in {baseline['seconds']:.0f} s")
         print(f"ratio all at once / one block at a time: {baseline['peak'] / bounded['peak']:.2f}x")
         drift = max(abs(a - b) / abs(b) for a, b in zip(bounded["scores"], baseline["scores"]) if b)
-        print(f"scores of blocks 0..{len(bounded['scores']) - 1}: largest relative difference {drift:.2e} "
-              "(bf16 against fp32 residual stream)")
+        print(f"scores of blocks 0..{len(bounded['scores']) - 1}: largest relative difference between the two "
+              f"ways {drift:.2e}")
     for projected in PROJECTED:
         print_projection(projected, PROJECTION_TOKENS)
 
