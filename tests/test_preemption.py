@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +161,11 @@ def test_the_sbatch_script_returns_after_the_checkpoint(launcher, tmp_path, trai
     # The deepspeed mode is `python launch/supervise.py -- deepspeed ...`, the Docker image's entry point too: the
     # supervisor waited for the held save, and the same command again resumes from that checkpoint.
     assert result["seconds"] >= 6
-    assert f"supervise: stopped by SIGTERM: {run_dir / 'checkpoints'}" in result["output"]
+    # The scheduler's SIGTERM reaches the supervisor twice: directly (it is in the script's process group) and as the
+    # script trap's SIGUSR1. Python runs pending handlers in signal-number order, so a loaded machine that delivers
+    # both before the supervisor runs reports SIGUSR1 (10) before SIGTERM (15); either is the same stop.
+    assert re.search(rf"supervise: stopped by SIG(TERM|USR1): {re.escape(str(run_dir / 'checkpoints'))}",
+                     result["output"]), result["output"][-3000:]
     rerun = supervised(deepspeed_cmd(), [*job_overrides(run_dir, train_shards_64, tiny_init_model),
                                          f"train.max_steps={stopped + 1}"], tmp_path / "rerun.out")
     assert rerun.wait() == 0, rerun.output()[-4000:]
