@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from shortened import cli  # noqa: E402
-from shortened.config import ConfigError, MergeConfig, from_dict  # noqa: E402
+from shortened.config import ConfigError, MergeConfig  # noqa: E402
 from shortened.data.merge import merge_corpora  # noqa: E402
 from shortened.data.shards import ShardFormatError  # noqa: E402
 from shortened.data.sources import InputError  # noqa: E402
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> MergeConfig:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_dataclass_arguments(parser, MergeConfig)
     args = parser.parse_args(argv)
-    return from_dict(MergeConfig, cli.namespace_config_args(args, MergeConfig), source="command line")
+    return cli.config_from_args(args, MergeConfig)
 
 
 def merge(argv: list[str] | None) -> int:

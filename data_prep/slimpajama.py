@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from shortened import cli  # noqa: E402
-from shortened.config import ConfigError, PrepareConfig, from_dict  # noqa: E402
+from shortened.config import ConfigError, PrepareConfig  # noqa: E402
 from shortened.data.prepare import BadInputError, prepare_shards  # noqa: E402
 from shortened.data.shards import ShardFormatError  # noqa: E402
 from shortened.data.sources import InputError  # noqa: E402
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_dataclass_arguments(parser, PrepareConfig)
     args = parser.parse_args(argv)
-    return from_dict(PrepareConfig, cli.namespace_config_args(args, PrepareConfig), source="command line")
+    return cli.config_from_args(args, PrepareConfig)
 
 
 def prepare(argv: list[str] | None) -> int:

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from shortened import cli
-from shortened.config import ConfigError, LoraTrainConfig, from_dict
+from shortened.config import ConfigError, LoraTrainConfig
 from shortened.prune.errors import PruneInputError
 from shortened.tokenizer import TokenizerNotFound
 
@@ -23,7 +23,7 @@ def parse_args(argv: list[str]) -> LoraTrainConfig:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_dataclass_arguments(parser, LoraTrainConfig)
     args = parser.parse_args(argv)
-    return from_dict(LoraTrainConfig, cli.namespace_config_args(args, LoraTrainConfig), source="command line")
+    return cli.config_from_args(args, LoraTrainConfig)
 
 
 def main(argv: list[str]) -> int:

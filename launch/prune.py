@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from shortened import cli
-from shortened.config import ConfigError, PruneConfig, from_dict
+from shortened.config import ConfigError, PruneConfig
 from shortened.prune.errors import PruneInputError
 from shortened.tokenizer import TokenizerNotFound
 
@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> tuple[PruneConfig, bool]:
     args = parser.parse_args(argv)
     if args.no_protect:
         args.protect_first = args.protect_last = 0
-    return from_dict(PruneConfig, cli.namespace_config_args(args, PruneConfig), source="command line"), args.overwrite
+    return cli.config_from_args(args, PruneConfig), args.overwrite
 
 
 def main(argv: list[str]) -> int:

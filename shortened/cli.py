@@ -13,9 +13,11 @@ import sys
 import textwrap
 import types
 import typing
-from typing import Any, Callable, Literal, NoReturn, Sequence, Union
+from typing import Any, Callable, Literal, NoReturn, Sequence, TypeVar, Union
 
-from shortened.config import config_keys, field_default, yaml_value
+from shortened.config import config_keys, field_default, from_dict, yaml_value
+
+T = TypeVar("T")
 
 EXIT_BAD_INPUT = 2
 
@@ -129,9 +131,10 @@ def config_help(cls: type, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def namespace_config_args(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The parsed values of `cls`'s fields (the flags `add_dataclass_arguments` made), for `from_dict`."""
-    return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+def config_from_args(namespace: argparse.Namespace, cls: type[T]) -> T:
+    """`cls` built and validated from the flags `add_dataclass_arguments` made (errors name the command line)."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return from_dict(cls, {name: getattr(namespace, name) for name in names}, source="command line")
 
 
 def given_arguments(namespace: argparse.Namespace, names: Sequence[str]) -> list[str]:

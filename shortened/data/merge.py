@@ -110,11 +110,16 @@ def _merged_manifest(parts: list[Path], manifests: list[dict], output: Path) -> 
     merged["inputs"] = [entry for m in manifests for entry in m.get("inputs", [])]
     merged["shards"] = [{**entry, "file": (rel / entry["file"]).as_posix()}
                         for rel, m in zip(relative, manifests) for entry in m["shards"]]
-    merged["merged_from"] = [{"path": rel.as_posix(), "fingerprint": m["fingerprint"],
-                              "num_sequences": m["num_sequences"], **({"partition": m["partition"]}
-                                                                       if "partition" in m else {})}
-                             for rel, m in zip(relative, manifests)]
+    merged["merged_from"] = [_part_entry(rel, m) for rel, m in zip(relative, manifests)]
     return merged
+
+
+def _part_entry(relative: Path, manifest: dict) -> dict[str, Any]:
+    entry = {"path": relative.as_posix(), "fingerprint": manifest["fingerprint"],
+             "num_sequences": manifest["num_sequences"]}
+    if "partition" in manifest:
+        entry["partition"] = manifest["partition"]
+    return entry
 
 
 def _sum_flat(dicts) -> dict[str, int]:
