@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import runpy
-import subprocess
 import sys
 
 import pytest
@@ -26,6 +25,7 @@ from shortened.config import (
 )
 from shortened.train.cli import cpt_main, cpt_parser
 
+import warm_start
 from conftest import ROOT, launcher, subprocess_env
 
 RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
@@ -160,8 +160,7 @@ def test_each_entry_point_reports_bad_input_in_one_line(script, argv, fragment, 
     ("launch/cpt.py", ["--print-config"], "the following arguments are required: --config"),
 ])
 def test_launcher_processes_exit_2_with_one_error_line(script, argv, fragment, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=120)
+    result = warm_start.run([ROOT / script, *argv], cwd=tmp_path, env=subprocess_env(), timeout=120)
     assert_one_error_line(result.returncode, result.stderr, fragment)
 
 

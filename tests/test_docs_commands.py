@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 
 from shortened.config import ConfigError, RunConfig, load_config
 
+import warm_start
 from conftest import ROOT, subprocess_env
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docker" / "README.md"]
@@ -39,8 +38,7 @@ ALL = [(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd in comm
 def accepted_flags(script: str) -> frozenset[str]:
     """The option strings of `script --help` (argparse lists each in its usage and options), matched exactly:
     `--calib` is not accepted because `--calib-len` is."""
-    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=120)
+    result = warm_start.run([ROOT / script, "--help"], cwd=ROOT, env=subprocess_env(), timeout=120)
     assert result.returncode == 0, f"{script} --help failed:\n{result.stderr[-2000:]}"
     return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", result.stdout))
 

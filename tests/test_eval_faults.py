@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from shortened.eval.rows import MalformedMirrorError, check_file
 from shortened.eval.suite import EvalSuite
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 
+import warm_start
 from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, subprocess_env
 
 ROWS = 20  # of the real PIQA rows, enough for accuracies that move when one row is scored wrongly
@@ -148,8 +148,7 @@ def test_empty_file_is_an_error_naming_it(tmp_path):
 
 
 def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
+    return warm_start.run([ROOT / "launch" / script, *args], env=subprocess_env(), timeout=240)
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:

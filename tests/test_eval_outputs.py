@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import runpy
-import subprocess
 import sys
 
 import matplotlib.colors
@@ -19,6 +18,7 @@ from shortened.eval.results import append_rows, failed_row, mean_row, ok_row, re
 from shortened.eval.single import resolve_model_dir
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 
+import warm_start
 from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, subprocess_env
 
 
@@ -140,10 +140,9 @@ def test_no_reference_mean_when_the_reference_lacks_a_member_task(tmp_path):
 
 def test_plot_curves_cli(tmp_path):
     runs, reference = _runs_and_reference(tmp_path)
-    out = subprocess.run([sys.executable, str(ROOT / "launch/plot_curves.py"), *map(str, runs),
-                          "--output", str(tmp_path / "curves.png"), "--reference", str(reference),
-                          "--label", "pruned + CPT", "--label", "pruned + CPT + KD"],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    out = warm_start.run([ROOT / "launch/plot_curves.py", *runs, "--output", tmp_path / "curves.png",
+                          "--reference", reference, "--label", "pruned + CPT", "--label", "pruned + CPT + KD"],
+                         env=subprocess_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "curves.png")
     image = matplotlib.image.imread(tmp_path / "curves.png")
@@ -189,10 +188,9 @@ def test_paper_table_and_summary():
 
 def test_evaluate_cli(tmp_path):
     model_dir = save_with_tokenizer(build_tiny_llama(seed=2, num_layers=2), tmp_path / "model", TOKENIZER_MODEL)
-    out = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), "--model", str(model_dir),
-                          "--tasks", "piqa,arc_challenge,wikitext2", "--data-dir", str(EVAL_DATA), "--limit", "4",
-                          "--output", str(tmp_path / "res.json")],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    out = warm_start.run([ROOT / "launch/evaluate.py", "--model", model_dir, "--tasks", "piqa,arc_challenge,wikitext2",
+                          "--data-dir", EVAL_DATA, "--limit", "4", "--output", tmp_path / "res.json"],
+                         env=subprocess_env(), timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "piqa(acc)  arc_challenge(acc_norm)  zero_shot_mean(mean)  wikitext2(ppl)" in out.stdout
     result = json.loads((tmp_path / "res.json").read_text())

@@ -28,6 +28,7 @@ from shortened.eval.watch import (
     watch,
 )
 
+import warm_start
 from conftest import EVAL_DATA, ROOT, subprocess_env
 from eval_support import write_checkpoint
 
@@ -100,8 +101,7 @@ def test_kill_9_mid_evaluation_then_restart(tmp_path):
     assert _evaluated_steps(run) == {10: 1}  # step 20 left nothing behind
     assert list(json.loads((run / "eval_state.json").read_text())["evaluated"]) == ["step_00000010"]
 
-    restarted = subprocess.run([sys.executable, str(script), "--run", str(run), "--once"], env=subprocess_env(),
-                               capture_output=True, text=True, timeout=240)
+    restarted = warm_start.run([script, "--run", run, "--once"], env=subprocess_env(), timeout=240)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert _evaluated_steps(run) == {10: 1, 20: 1}
 

@@ -25,6 +25,7 @@ from shortened.rng import load_rng_state
 from shortened.tokenizer import load_tokenizer
 from shortened.train.cli import export_main
 
+import warm_start
 from conftest import EVAL_DATA, ROOT, launcher, subprocess_env
 from train_support import overrides, python, read_log, run_ok
 
@@ -171,7 +172,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference_run, base_dir
     (out / "checkpoints" / "step_00000011").mkdir()
     (out / "checkpoints" / "step_00000011" / "adapter_model.safetensors").write_bytes(b"torn")
 
-    resumed = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    resumed = warm_start.run(cmd[1:], env=subprocess_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{killed_at:08d}'}" in resumed.stdout
     assert [r["step"] for r in log_of(out)] == list(range(1, 13))

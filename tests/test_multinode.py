@@ -15,7 +15,7 @@ from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
 
 from conftest import free_port
-from train_support import CPT, GLOBAL_BATCH, RECIPE, Job, deepspeed, overrides, read_log, run_ok
+from train_support import CPT, GLOBAL_BATCH, RECIPE, Job, overrides, read_log, run_ok, warm
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,8 +40,8 @@ def test_two_nodes_save_and_one_node_resumes_at_the_exact_data_position(tmp_path
     state = json.loads((run_dir / "checkpoints" / "step_00000008" / "training_state.json").read_text())
     assert state["world_size"] == 2
 
-    resumed_out = run_ok(deepspeed(1, overrides(run_dir, train_shards_64, tiny_init_model, "train.max_steps=12"),
-                                   tmp_path / "one_node.out"))
+    resumed_out = run_ok(warm(1, overrides(run_dir, train_shards_64, tiny_init_model, "train.max_steps=12"),
+                              tmp_path / "one_node.out"))
     assert "step_00000008" in resumed_out
     records = read_log(run_dir)
     assert [r["step"] for r in records] == list(range(1, 13))

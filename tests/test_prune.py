@@ -6,8 +6,6 @@ other block matters on the calibration windows.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from shortened.prune.pruner import prune
 from shortened.prune.selection import select_blocks
 from shortened.tokenizer import load_tokenizer
 
+import warm_start
 from conftest import ROOT, subprocess_env
 from prune_fixtures import CALIB, CALIB_LEN, CALIB_SAMPLES, IDENTITY, NUM_LAYERS
 
@@ -296,10 +295,10 @@ def test_vicuna_ratio_to_block_count_table():
 def test_launch_prune_writes_model_and_full_report(model_dir, tmp_path):
     out = tmp_path / "pruned"
     # 2% of the parameters of this tiny model (2 x 32k x 64 embeddings and head, 6 blocks of 50,304) is 2 blocks.
-    cmd = [sys.executable, str(ROOT / "launch" / "prune.py"), "--model", str(model_dir), "--criterion", "taylor",
+    cmd = [ROOT / "launch" / "prune.py", "--model", str(model_dir), "--criterion", "taylor",
            "--ratio", "0.02", "--calib", str(CALIB), "--calib-samples", str(CALIB_SAMPLES),
            "--calib-len", str(CALIB_LEN), "--out", str(out), "--protect-first", "1", "--protect-last", "1"]
-    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = warm_start.run(cmd, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "prune_report.json").read_text())
     model = load(model_dir)
@@ -316,7 +315,7 @@ def test_launch_prune_writes_model_and_full_report(model_dir, tmp_path):
 
 
 def test_launch_prune_reports_bad_arguments(model_dir, tmp_path):
-    cmd = [sys.executable, str(ROOT / "launch" / "prune.py"), "--model", str(model_dir), "--ratio", "1.5",
-           "--calib", str(CALIB), "--out", str(tmp_path / "o")]
-    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    cmd = [ROOT / "launch" / "prune.py", "--model", model_dir, "--ratio", "1.5", "--calib", CALIB, "--out",
+           tmp_path / "o"]
+    result = warm_start.run(cmd, env=subprocess_env(), timeout=120)
     assert result.returncode == 2 and "prune.ratio" in result.stderr

@@ -14,11 +14,11 @@ from train_support import (
     PRECISION,
     SEQ,
     check_export_reproduces_the_master_weights,
-    deepspeed,
     overrides,
     read_log,
     run_ok,
     same,
+    warm,
 )
 
 pytestmark = [pytest.mark.timeout(900),
@@ -34,9 +34,9 @@ def bf16(run_dir: Path, shards: Path, model: Path, *extra: str) -> list[str]:
 def test_bf16_resume_is_bitwise_and_the_export_reproduces_the_weights(tmp_path, train_shards_64, tiny_init_model,
                                                                        tokenizer_model):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_ok(deepspeed(2, bf16(straight, train_shards_64, tiny_init_model), tmp_path / "straight.out"))
-    run_ok(deepspeed(2, bf16(resumed, train_shards_64, tiny_init_model, "train.max_steps=2"), tmp_path / "a.out"))
-    output = run_ok(deepspeed(2, bf16(resumed, train_shards_64, tiny_init_model), tmp_path / "b.out"))
+    run_ok(warm(2, bf16(straight, train_shards_64, tiny_init_model), tmp_path / "straight.out"))
+    run_ok(warm(2, bf16(resumed, train_shards_64, tiny_init_model, "train.max_steps=2"), tmp_path / "a.out"))
+    output = run_ok(warm(2, bf16(resumed, train_shards_64, tiny_init_model), tmp_path / "b.out"))
     assert "resuming from" in output and "step_00000002" in output
     a, b = read_log(straight), read_log(resumed)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))

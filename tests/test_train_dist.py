@@ -1,6 +1,7 @@
 """The trainer as users run it: real DeepSpeed (ZeRO-2; bf16, or fp32 where the CPU emulates bf16) on 2 CPU ranks,
 launched by `deepspeed`, `torchrun` or plain python, with real faults (kill -9 during a save, SIGTERM, a stuck
-rank, NaN weights).
+rank, NaN weights). The reference run and the faults go through the real launchers; the other runs fork their ranks
+warm (tests/warm_start.py), with the variables torchrun exports, to spare each the ~10 CPU-s of cold imports.
 
 One straight 16-step run is the reference; every interrupted or re-partitioned run is compared to it step by
 step: bitwise where the arithmetic is the same, within float tolerance where the reduction order differs.
@@ -50,6 +51,7 @@ from train_support import (
     run_ok,
     same,
     shm_left,
+    warm,
 )
 
 pytestmark = pytest.mark.timeout(900)
@@ -79,8 +81,8 @@ def stop_run(work, train_shards_64, tiny_init_model) -> Path:
     """The first 8 steps of the same run (train.max_steps=8), on 2 ranks. Its step-8 checkpoint is also copied
     aside for the world-size test (the resumed run's retention deletes the original)."""
     run_dir = work / "resumed"
-    run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}"),
-                     work / "stop.out"))
+    run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}"),
+                work / "stop.out"))
     shutil.copytree(ckpt.checkpoints_root(run_dir) / ckpt.tag_for(HALF), work / "pristine" / ckpt.tag_for(HALF))
     return run_dir
 
@@ -182,7 +184,7 @@ def term_run(work, kill_run, train_shards_64, tiny_init_model) -> dict:
 def final_run(work, term_run, train_shards_64, tiny_init_model) -> Path:
     """Resume after SIGTERM to the end, through a script that adds an evaluator-like hook."""
     run_dir = term_run["run_dir"]
-    run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model), work / "final.out", script=HOOK_SCRIPT))
+    run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model), work / "final.out", script=HOOK_SCRIPT))
     return run_dir
 
 
@@ -267,7 +269,7 @@ def test_changed_optimizer_settings_clipping_and_batch_are_honoured_from_the_fir
     run_dir = start.parents[1]
     changed = ["train.grad_clip=0.01", "optim.betas=[0.8,0.9]", "optim.eps=1e-6", "optim.weight_decay=0.01",
                "optim.lr=1e-3", f"train.global_batch_size={2 * GLOBAL_BATCH}", "train.max_steps=0"]
-    output = run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, *changed), work / "changed.out"))
+    output = run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model, *changed), work / "changed.out"))
     applied = json.loads(output.split("optimizer after resume: ", 1)[1].splitlines()[0])
     assert applied == {"lr": pytest.approx(1e-3 * lr_factor(HALF, warmup_steps=2, total_steps=12, schedule="cosine",
                                                             min_lr_ratio=0.1)),
@@ -294,7 +296,7 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_continues_exactly(
     job = python(overrides(run_dir, train_shards_64, tiny_init_model, f"resume={newest}"), work / "damaged_path.out")
     assert job.wait() == 2
     assert "is damaged: " in job.output() and f"{shard.name} is missing" in job.output()
-    output = run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model), work / "damaged.out"))
+    output = run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model), work / "damaged.out"))
     assert "resume=auto skips step_00000016, which is damaged" in output and "resuming from" in output
     resumed, reference = read_log(run_dir), read_log(ref_run)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
@@ -450,8 +452,8 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
     run_dir = work / "inline_eval"
     inline = ("eval.mode=inline", "eval.every_steps=4", f"eval.data_dir={mirror}", "eval.tasks=[piqa,wikitext2]",
               "eval.limit=16", "eval.batch_size=4")
-    run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}", *inline),
-                     work / "inline_eval.out"))
+    run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}", *inline),
+                work / "inline_eval.out"))
 
     reference = read_log(ref_run)[:HALF]
     trace = read_log(run_dir)
@@ -478,8 +480,8 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
     # evaluates step 8 first (rank 0 finds the rows missing, both ranks evaluate), the same rows, then trains on.
     lines = (run_dir / "results.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "results.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] != 8))
-    output = run_ok(deepspeed(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF + 1}",
-                                           *inline), work / "inline_resume.out"))
+    output = run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF + 1}",
+                                      *inline), work / "inline_resume.out"))
     assert "the evaluation at step 8 has no rows" in output and output.count("hook: evaluation at step 8 ") == 1
     again = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in again}) == [0, 4, 8] and len(again) == len(rows)
@@ -498,10 +500,10 @@ def test_streamed_raw_input_trains_in_input_order_and_resumes_exactly(work, slim
     new processes repeats the straight run bit for bit."""
     stream = ("data.format=stream", "data.split=train", f"train.max_steps={HALF}")
     straight, resumed = work / "stream_straight", work / "stream_resumed"
-    run_ok(deepspeed(2, overrides(straight, slimpajama_sample, tiny_init_model, *stream), work / "stream.out"))
-    run_ok(deepspeed(2, overrides(resumed, slimpajama_sample, tiny_init_model, *stream, f"train.max_steps={HALF // 2}"),
-                     work / "stream_first_half.out"))
-    run_ok(deepspeed(2, overrides(resumed, slimpajama_sample, tiny_init_model, *stream), work / "stream_resume.out"))
+    run_ok(warm(2, overrides(straight, slimpajama_sample, tiny_init_model, *stream), work / "stream.out"))
+    run_ok(warm(2, overrides(resumed, slimpajama_sample, tiny_init_model, *stream, f"train.max_steps={HALF // 2}"),
+                work / "stream_first_half.out"))
+    run_ok(warm(2, overrides(resumed, slimpajama_sample, tiny_init_model, *stream), work / "stream_resume.out"))
 
     trace, again = read_log(straight), read_log(resumed)
     assert [r["step"] for r in trace] == list(range(1, HALF + 1))
@@ -530,7 +532,7 @@ def test_document_mask_trains_each_document_on_its_own(work, train_shards_64, ti
     run_dir = work / "document_mask"
     args = overrides(run_dir, train_shards_64, tiny_init_model, "train.max_steps=4", "data.document_mask=true",
                      f"data.seed={seed}")
-    run_ok(deepspeed(2, args, work / "document_mask.out"))
+    run_ok(warm(2, args, work / "document_mask.out"))
     trace = read_log(run_dir)
     assert [r["step"] for r in trace] == [1, 2, 3, 4] and trace[-1]["loss"] < trace[0]["loss"]
 

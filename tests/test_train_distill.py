@@ -19,7 +19,7 @@ from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
 from shortened.train.plan import decide_plan
 
-from train_support import RECIPE, deepspeed, overrides, python, read_log, run_ok
+from train_support import RECIPE, overrides, python, read_log, run_ok, warm
 
 pytestmark = pytest.mark.timeout(600)
 STEPS, HALF = 8, 4
@@ -46,7 +46,7 @@ def distill_args(run_dir: Path, shards: Path, student: Path, teacher: Path, *ext
 def ref_run(work, train_shards_64, tiny_init_model, teacher) -> Path:
     """8 uninterrupted distillation steps on 2 ranks: the reference trace."""
     run_dir = work / "ref"
-    run_ok(deepspeed(2, distill_args(run_dir, train_shards_64, tiny_init_model, teacher), work / "ref.out"))
+    run_ok(warm(2, distill_args(run_dir, train_shards_64, tiny_init_model, teacher), work / "ref.out"))
     return run_dir
 
 
@@ -54,8 +54,8 @@ def ref_run(work, train_shards_64, tiny_init_model, teacher) -> Path:
 def stopped_run(work, train_shards_64, tiny_init_model, teacher) -> Path:
     """The first 4 steps (train.max_steps), its step-4 checkpoint copied aside for a resume on 1 rank."""
     run_dir = work / "stopped"
-    run_ok(deepspeed(2, distill_args(run_dir, train_shards_64, tiny_init_model, teacher, f"train.max_steps={HALF}"),
-                     work / "stopped.out"))
+    run_ok(warm(2, distill_args(run_dir, train_shards_64, tiny_init_model, teacher, f"train.max_steps={HALF}"),
+                work / "stopped.out"))
     aside = work / "one_rank"
     shutil.copytree(run_dir, aside)
     return run_dir
@@ -74,8 +74,8 @@ def test_distillation_logs_both_losses_and_the_teacher_phase(ref_run):
 def test_a_stopped_distillation_run_resumes_exactly_on_two_ranks_and_on_one(work, ref_run, stopped_run,
                                                                             train_shards_64, tiny_init_model,
                                                                             teacher):
-    output = run_ok(deepspeed(2, distill_args(stopped_run, train_shards_64, tiny_init_model, teacher),
-                              work / "resume2.out"))
+    output = run_ok(warm(2, distill_args(stopped_run, train_shards_64, tiny_init_model, teacher),
+                         work / "resume2.out"))
     assert "resuming from" in output
     one_rank = work / "one_rank"
     output = run_ok(python(distill_args(one_rank, train_shards_64, tiny_init_model, teacher), work / "resume1.out"))
@@ -98,8 +98,8 @@ def test_the_teacher_holds_no_optimizer_state(work, ref_run, train_shards_64, ti
     """The optimizer state of a distillation run is exactly the student's: fp32 master weights and two Adam moments
     per student parameter, the same bytes as a run without a teacher."""
     plain = work / "plain"
-    run_ok(deepspeed(2, overrides(plain, train_shards_64, tiny_init_model, f"train.max_steps={STEPS}",
-                                  f"train.max_tokens={STEPS * 4 * 64}"), work / "plain.out"))
+    run_ok(warm(2, overrides(plain, train_shards_64, tiny_init_model, f"train.max_steps={STEPS}",
+                             f"train.max_tokens={STEPS * 4 * 64}"), work / "plain.out"))
 
     def optimizer_elements(run_dir: Path) -> int:
         newest = ckpt.scan(ckpt.checkpoints_root(run_dir))[0][-1].path

@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train.loop import TokenOutOfRange, check_token_range
 from shortened.train.plan import check_data_fits
 
+import warm_start
 from conftest import subprocess_env
 from train_support import CPT, GLOBAL_BATCH, RECIPE, overrides
 
@@ -32,10 +32,8 @@ DATA_SEED = 1234  # the recipe's data.seed
 
 def train(run_dir: Path, shards: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
     """One process, no launcher; stderr kept apart so the test sees exactly what the user sees."""
-    return subprocess.run([sys.executable, str(CPT), "--config", str(RECIPE),
-                           *overrides(run_dir, shards, model, "train.max_steps=2", *extra)],
-                          capture_output=True, text=True, timeout=240,
-                          env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    return warm_start.run([CPT, "--config", RECIPE, *overrides(run_dir, shards, model, "train.max_steps=2", *extra)],
+                          timeout=240, env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *names: str) -> str:

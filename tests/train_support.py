@@ -1,4 +1,5 @@
-"""Launching the trainer as users do, for the distributed tests: jobs in their own session, always cleaned up."""
+"""Launching the trainer for the distributed tests: as users do (a launcher, cold), or with its ranks forked warm
+(tests/warm_start.py); jobs in their own sessions, always cleaned up."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import psutil
 from shortened.train.engine import cpu_has_bf16_kernels
 
 from conftest import free_port, subprocess_env
+from warm_start import WarmGroup, WarmProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
@@ -42,18 +44,25 @@ def overrides(run_dir: Path, shards: Path, model: Path, *extra: str) -> list[str
 
 
 class Job:
-    """A launched training job in its own session, so cleanup can always reach every process it started."""
+    """A launched training job in its own session, so cleanup can always reach every process it started.
 
-    def __init__(self, cmd: list[str], out: Path, script: Path = CPT, **env: str) -> None:
+    `cmd` is a launcher's command line, started cold as users start it; with `warm_ranks` it is the script and its
+    arguments, run by one process forked warm (tests/warm_start.py) per entry, with the entry's variables."""
+
+    def __init__(self, cmd: list, out: Path, script: Path = CPT, warm_ranks: list[dict[str, str]] | None = None,
+                 **env: str) -> None:
         self.out = out
         self.script = str(script)
         self.handle = open(out, "w")
         self.started = time.monotonic()
         self.port: int | None = None  # the launcher's master port, where the test chose it
-        self.proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                                                        PYTHONUNBUFFERED="1", **env))
+        environ = subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
+        if warm_ranks:
+            self.proc: subprocess.Popen | WarmGroup = WarmGroup([WarmProcess(cmd, {**environ, **variables}, ROOT, out)
+                                                                 for variables in warm_ranks])
+        else:
+            self.proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=self.handle,
+                                         stderr=subprocess.STDOUT, start_new_session=True, env=environ)
 
     def wait(self, timeout: float = JOB_TIMEOUT) -> int:
         try:
@@ -67,6 +76,9 @@ class Job:
     def ranks(self) -> dict[int, psutil.Process]:
         """The training processes by rank: launched with RANK set by a parent that has none (DataLoader workers
         inherit RANK from their rank; the launchers themselves have none)."""
+        if isinstance(self.proc, WarmGroup):
+            return {rank: psutil.Process(process.pid) for rank, process in enumerate(self.proc.ranks)
+                    if process.poll() is None}
         found = {}
         for proc in psutil.Process(self.proc.pid).children(recursive=True):
             try:
@@ -88,8 +100,11 @@ class Job:
 
     def cleanup(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session this test started, and only it
-            self.proc.wait()
+            if isinstance(self.proc, WarmGroup):
+                self.proc.kill()
+            else:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the session this test started, and only it
+                self.proc.wait()
         self.handle.close()
 
 
@@ -101,14 +116,29 @@ def deepspeed(nproc: int, args: list[str], out: Path, script: Path = CPT, **env:
     return job
 
 
+def warm(nproc: int, args: list[str], out: Path, script: Path = CPT, **env: str) -> Job:
+    """The job as `deepspeed` or `torchrun` would run it, its ranks forked warm: for tests of the training, not of
+    the launchers (those start them cold)."""
+    port = free_port()
+    job = Job([script, "--config", RECIPE, *args], out, script, [rank_variables(rank, nproc, port)
+                                                                 for rank in range(nproc)], **env)
+    job.port = port
+    return job
+
+
+def rank_variables(rank: int, world_size: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def shm_left(port: int) -> list[Path]:
     """DeepSpeed's CPU all-reduce segments of the job on `port` still in /dev/shm (RAM)."""
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def python(args: list[str], out: Path) -> Job:
-    """One process, no launcher: a world of one."""
-    return Job([sys.executable, CPT, "--config", RECIPE, *args], out)
+    """One process, no launcher: a world of one (forked warm, none of a launcher's variables)."""
+    return Job([CPT, "--config", RECIPE, *args], out, warm_ranks=[{}])
 
 
 def run_ok(job: Job) -> str:
