@@ -30,6 +30,7 @@ EXTRAS = {
         "pytest==9.2.0",  # the test runner
         "pytest-timeout==2.4.0",  # a hung distributed test fails instead of stalling CI
         "pytest-xdist==3.8.0",  # `make test` runs test files on both cores: most multi-process tests wait on I/O
+        "filelock==4.3.1",  # the test workers share one trained pruning model: the first trains it, under a lock
         "ruff==0.14.0",  # `make lint`: unused names, import order, pycodestyle errors
         "mypy==1.18.2",  # `make lint`: the package's type hints checked
         "types-PyYAML==6.0.12.20250915",  # yaml's type stubs for mypy

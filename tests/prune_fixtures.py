@@ -8,10 +8,12 @@ flat for LoRA to move; neither pruning criteria nor LoRA could be checked agains
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.prune.calibration import calibration_windows
@@ -38,12 +40,19 @@ def _windows(tokenizer_model: Path) -> torch.Tensor:
     return calibration_windows(CALIB, load_tokenizer(tokenizer_model), CALIB_SAMPLES, CALIB_LEN, 1234)
 
 
-_TRAINED: dict[Path, Path] = {}  # test modules each import the fixture; this cache trains it once per session
-
-
 def _trained_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_model: Path) -> Path:
-    if tokenizer_model in _TRAINED:
-        return _TRAINED[tokenizer_model]
+    """Trained once per test session: under xdist the workers share the session's temporary root, and the first to
+    take the lock trains (alone, with every core) while the others wait for its result."""
+    shared = tmp_path_factory.getbasetemp().parent if "PYTEST_XDIST_WORKER" in os.environ \
+        else tmp_path_factory.getbasetemp()
+    out = shared / "trained_tiny_model"
+    with FileLock(str(shared / "trained_tiny_model.lock")):
+        if not (out / "tokenizer.model").is_file():  # written last by save_with_tokenizer
+            save_with_tokenizer(_train(tokenizer_model), out, tokenizer_model)
+    return out
+
+
+def _train(tokenizer_model: Path) -> torch.nn.Module:
     windows = _windows(tokenizer_model)
     model = build_tiny_llama(seed=0, num_layers=NUM_LAYERS)
     make_identity(model, IDENTITY)
@@ -55,9 +64,7 @@ def _trained_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_model
         model(input_ids=windows, labels=windows).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    _TRAINED[tokenizer_model] = save_with_tokenizer(model.eval(), tmp_path_factory.mktemp("tiny") / "model",
-                                                    tokenizer_model)
-    return _TRAINED[tokenizer_model]
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
