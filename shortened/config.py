@@ -367,6 +367,9 @@ class PrepareConfig:
                                               "RedPajamaC4,Github", sep=",")
     max_tokens: int = setting(0, "stop after the document that reaches this many tokens (0: everything)")
     strict: bool = setting(False, "stop at the first bad line with file:line: reason")
+    pack_by_source: bool = setting(False, "pack each source (meta.redpajama_set_name) on its own: every sequence "
+                                          "and every shard holds one source, and each shard's manifest entry "
+                                          "names it")
     shard_tokens: int = setting(1 << 27, "tokens per shard file (about 256 MiB of uint16 tokens)")
     unit_bytes: int = setting(0, "decompressed bytes per work unit (0: chosen from the corpus size and workers)")
     verify: bool = setting(False, "on a finished output, also check every shard's sha256 against the manifest "

@@ -33,6 +33,7 @@ def merge_corpora(config: MergeConfig) -> dict:
     manifests = [check_shards(part) for part in parts]  # each part complete: presence, sizes, headers
     _check_distinct(parts, output)
     _check_agree(parts, manifests)
+    _check_packing(parts, manifests)
     _check_partitions(parts, manifests)
     _check_output(output)
     merged = _merged_manifest(parts, manifests, output)
@@ -60,6 +61,16 @@ def _check_agree(parts: list[Path], manifests: list[dict]) -> None:
             if manifest.get(key) != reference.get(key):
                 raise InputError(f"{part}: {key} {manifest.get(key)!r}, but {first} has {reference.get(key)!r}: "
                                  "merge only corpora prepared with one tokenizer and one --seq-len")
+
+
+def _check_packing(parts: list[Path], manifests: list[dict]) -> None:
+    """Every part packed by source or none: a reader of per-source shards expects a `source` in every entry."""
+    by_source = [bool(m.get("pack_by_source")) for m in manifests]
+    if any(by_source) and not all(by_source):
+        packed = parts[by_source.index(True)]
+        mixed = parts[by_source.index(False)]
+        raise InputError(f"{packed}: packed by source, but {mixed} is not: prepare every part with --pack-by-source, "
+                         "or none")
 
 
 def _check_partitions(parts: list[Path], manifests: list[dict]) -> None:
@@ -111,6 +122,9 @@ def _merged_manifest(parts: list[Path], manifests: list[dict], output: Path) -> 
     merged["shards"] = [{**entry, "file": (rel / entry["file"]).as_posix()}
                         for rel, m in zip(relative, manifests) for entry in m["shards"]]
     merged["merged_from"] = [_part_entry(rel, m) for rel, m in zip(relative, manifests)]
+    if manifests[0].get("pack_by_source"):  # the parts agree on it (`_check_packing`)
+        merged["pack_by_source"] = True
+        merged["tokens_dropped_by_source"] = _sum_flat(m["tokens_dropped_by_source"] for m in manifests)
     return merged
 
 

@@ -18,6 +18,17 @@ def doc_starts_from_lengths(doc_lens: np.ndarray) -> np.ndarray:
     return starts
 
 
+def source_positions(doc_lens: np.ndarray, doc_source: np.ndarray, index: int, offset: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-source packing: where the tokens of source `index`'s documents lie, from position `offset` on, in the
+    concatenation of documents of these lengths and sources, and where its documents start among those tokens."""
+    mine = doc_source == index
+    positions = np.flatnonzero(np.repeat(mine, doc_lens))
+    positions = positions[np.searchsorted(positions, offset):]
+    doc_positions = doc_starts_from_lengths(doc_lens)[mine]
+    return positions, np.searchsorted(positions, doc_positions[doc_positions >= offset])
+
+
 def document_position_ids(doc_starts: np.ndarray, seq_len: int) -> np.ndarray:
     """Position of each token within its own document, restarting at 0 at every document start.
 
@@ -48,6 +59,12 @@ class TokenBuffer:
         if len(tokens):
             self._chunks.append((np.asarray(tokens, dtype=self.dtype), np.asarray(doc_starts, dtype=np.int64)))
             self._size += len(tokens)
+
+    def contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every buffered token and the document starts among them, left buffered (to save a packer's state)."""
+        tokens, doc_starts = self.pop(self._size) if self._size else (np.zeros(0, self.dtype), np.zeros(0, np.int64))
+        self.append(tokens, doc_starts)
+        return tokens, doc_starts
 
     def pop(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The first `count` tokens and the document starts among them (relative to the first popped token)."""

@@ -78,19 +78,30 @@ class ShardHeader:
 
 
 class ShardWriter:
-    """Streams whole sequences into one shard file; `close()` writes the header and renames it into place."""
+    """Streams whole sequences into one shard file; `close()` writes the header and renames it into place.
 
-    def __init__(self, path: Path, seq_len: int, dtype: np.dtype, tokenizer_sha256: str) -> None:
+    `in_place` writes `path` itself instead of a temporary name beside it (which a restarted data prep deletes), and
+    `close()` leaves it there: for a shard that grows across runs in a private directory, moved into the output by
+    its owner. `sync()` makes what is written durable and returns what `synced=` takes to continue the shard from
+    there after a crash: the file is cut back to that point (a killed run may have written more, or closed it) and
+    its header region cleared.
+    """
+
+    def __init__(self, path: Path, seq_len: int, dtype: np.dtype, tokenizer_sha256: str, in_place: bool = False,
+                 synced: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.path = Path(path)
-        self.tmp_path = temp_path(self.path)
+        self.tmp_path = self.path if in_place else temp_path(self.path)
         self.seq_len = seq_len
         self.dtype = np.dtype(dtype)
         self.tokenizer_sha256 = tokenizer_sha256
-        self.num_tokens = 0
-        self._doc_starts: list[np.ndarray] = []
-        self._crcs: list[int] = []
-        self._file = open(self.tmp_path, "wb")
+        doc_starts, crcs = synced if synced is not None else (np.zeros(0, "<i8"), np.zeros(0, "<u4"))
+        self.num_tokens = len(crcs) * seq_len  # only whole sequences are ever written
+        self._doc_starts: list[np.ndarray] = [np.asarray(doc_starts, dtype="<i8")]
+        self._crcs: list[int] = [int(crc) for crc in crcs]
+        self._file = open(self.tmp_path, "wb" if synced is None else "r+b")
+        self._file.truncate(HEADER_BYTES + self.num_tokens * self.dtype.itemsize)
         self._file.write(b"\0" * HEADER_BYTES)
+        self._file.seek(0, os.SEEK_END)
 
     def write(self, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
         """Append tokens (whole sequences) and the positions, relative to `tokens`, where documents start."""
@@ -102,8 +113,15 @@ class ShardWriter:
         self._doc_starts.append(np.asarray(doc_starts, dtype="<i8") + self.num_tokens)
         self.num_tokens += len(tokens)
 
+    def sync(self) -> tuple[np.ndarray, np.ndarray]:
+        """Make every sequence written so far durable; returns (document starts, CRCs) for `synced=`."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._doc_starts = [np.concatenate(self._doc_starts)]
+        return self._doc_starts[0], np.asarray(self._crcs, dtype="<u4")
+
     def close(self) -> ShardHeader:
-        doc_starts = np.concatenate(self._doc_starts) if self._doc_starts else np.zeros(0, "<i8")
+        doc_starts = np.concatenate(self._doc_starts)
         tokens_offset = HEADER_BYTES
         doc_starts_offset = tokens_offset + self.num_tokens * self.dtype.itemsize
         header = ShardHeader(
@@ -129,7 +147,8 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp_path, self.path)
+        if self.tmp_path != self.path:
+            os.replace(self.tmp_path, self.path)
         fsync_dir(self.path.parent)
         return header
 
