@@ -21,8 +21,15 @@ def tiny_llama_config(
     num_kv_heads: int = 4,
     vocab_size: int = LLAMA_VOCAB_SIZE,
     max_position_embeddings: int = 2048,
+    rope_theta: float = 10_000.0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
 ) -> LlamaConfig:
-    """A Llama config with the real 32k vocabulary and a few narrow layers: runs in milliseconds on CPU."""
+    """A Llama config with the real 32k vocabulary and a few narrow layers: runs in milliseconds on CPU.
+
+    `num_kv_heads < num_heads`, a larger vocabulary, `rope_theta=500_000` and the tokenizer's own bos/eos ids give
+    the Llama-3 layout (grouped-query attention, untied head), as `tiny_llama3_config` does.
+    """
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -32,15 +39,23 @@ def tiny_llama_config(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
         tie_word_embeddings=False,
     )
 
 
-def build_tiny_llama(seed: int = 0, **config_kwargs) -> LlamaForCausalLM:
-    """A freshly initialised tiny Llama; the same seed gives the same weights."""
-    config = tiny_llama_config(**config_kwargs)
+def tiny_llama3_config(vocab_size: int, bos_token_id: int, eos_token_id: int, num_layers: int = 4) -> LlamaConfig:
+    """Llama-3's layout in miniature: 4 query heads sharing 2 key/value heads, rope_theta 500k, untied head."""
+    return tiny_llama_config(num_layers=num_layers, num_heads=4, num_kv_heads=2, vocab_size=vocab_size,
+                             rope_theta=500_000.0, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+
+
+def build_tiny_llama(seed: int = 0, config: LlamaConfig | None = None, **config_kwargs) -> LlamaForCausalLM:
+    """A freshly initialised tiny Llama (`config`, else `tiny_llama_config(**config_kwargs)`); the same seed gives
+    the same weights."""
+    config = config or tiny_llama_config(**config_kwargs)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -103,10 +118,22 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     return 6 * matmul_params + attention
 
 
+# What a `tokenizer.json` needs beside it: our tokenizer and AutoTokenizer read bos/eos from tokenizer_config.json.
+JSON_TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
 def save_with_tokenizer(model: PreTrainedModel, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
-    """`save_pretrained` (safetensors) plus the SentencePiece `tokenizer.model` beside it."""
+    """`save_pretrained` (safetensors) plus the tokenizer beside it: a SentencePiece `tokenizer.model`, or a
+    `tokenizer.json` with the sidecar files of its directory (Llama-3 style)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    shutil.copyfile(tokenizer_file, out / "tokenizer.model")
+    tokenizer_file = Path(tokenizer_file)
+    if tokenizer_file.suffix != ".json":
+        shutil.copyfile(tokenizer_file, out / "tokenizer.model")
+        return out
+    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    for name in JSON_TOKENIZER_SIDECARS:
+        if (tokenizer_file.parent / name).is_file():
+            shutil.copyfile(tokenizer_file.parent / name, out / name)
     return out

@@ -13,7 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import sentencepiece as spm
-from transformers import PreTrainedTokenizer
+from transformers import PreTrainedTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from shortened.tokenizer import HFJsonTokenizer
+
+
+def hf_tokenizer(tokenizer_file: str | Path) -> PreTrainedTokenizerBase:
+    """The eval tokenizer of a model: SentencePiece's ids for a `tokenizer.model`; for a `tokenizer.json` (Llama-3)
+    the `tokenizers` library's own, bos/eos as `shortened.tokenizer` finds them and BOS from its post-processor."""
+    tokenizer_file = Path(tokenizer_file)
+    if tokenizer_file.suffix != ".json":
+        return SentencePieceHFTokenizer(tokenizer_file)
+    reference = HFJsonTokenizer(tokenizer_file)
+    bos, eos = (reference.decode([i]) for i in (reference.bos_id, reference.eos_id))
+    # Llama-3 has no pad token; padded positions are masked, so EOS is a safe filler.
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token=bos, eos_token=eos, pad_token=eos)
 
 
 class SentencePieceHFTokenizer(PreTrainedTokenizer):

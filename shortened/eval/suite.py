@@ -38,7 +38,7 @@ class EvalSuite:
         """
         self.config = config
         self.validation_path = str(validation_path or "")
-        self.tokenizer_file = _sentencepiece_file(tokenizer_file)
+        self.tokenizer_file = _tokenizer_file(tokenizer_file)
         self.specs: list[TaskSpec] = select_tasks(load_task_table(config.task_file), config.tasks)
         self.groups = groups
         self._windows: dict[str, np.ndarray] = {}  # perplexity windows, tokenised once per suite
@@ -176,10 +176,14 @@ class EvalSuite:
         return [mean_row([reported[s.name] for s in members], seconds)]
 
 
-def _sentencepiece_file(path: str | Path) -> Path:
+def _tokenizer_file(path: str | Path) -> Path:
+    """The model's reference tokenizer: SentencePiece's tokenizer.model (LLaMA/Vicuna), else a tokenizer.json
+    (Llama-3 style), as `shortened.tokenizer.load_tokenizer` chooses."""
     path = Path(path)
-    file = path / "tokenizer.model" if path.is_dir() else path
-    if not file.is_file():
-        raise ModelFileError(f"{file}: no SentencePiece tokenizer.model; evaluation scores LLaMA models with "
-                             "SentencePiece ids, so pass the tokenizer.model file or its directory")
-    return file
+    if path.is_file():
+        return path
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (path / name).is_file():
+            return path / name
+    raise ModelFileError(f"{path}: no tokenizer.model or tokenizer.json; evaluation scores a model with its own "
+                         "tokenizer's ids, so pass the tokenizer file or its directory")

@@ -2,7 +2,8 @@
 
 Each task is one `lm_eval.simple_evaluate` call with lm-eval's defaults (seeds, bootstrap iterations): the
 numbers are the harness's own. Requests carry exactly one `<s>` in front (the LLaMA protocol) and SentencePiece's
-ids (`SentencePieceHFTokenizer`). Under torch.distributed the documents are sharded by lm-eval itself
+ids (`SentencePieceHFTokenizer`); a Llama-3 style model's `tokenizer.json` gives the `tokenizers` library's ids
+with its BOS (`hf_tokenizer`). Under torch.distributed the documents are sharded by lm-eval itself
 (`rank::world_size`), its collectives running on `EvalGroups.work`.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from shortened.eval.dist import EvalGroups
-from shortened.eval.hf_tokenizer import SentencePieceHFTokenizer
+from shortened.eval.hf_tokenizer import hf_tokenizer
 from shortened.eval.mirror import check_mirror, write_lm_eval_overrides
 from shortened.eval.rows import MAX_REPORTED_ROWS, RowProblem, scorable_files
 from shortened.eval.tasks import LmEvalTask
@@ -54,7 +55,7 @@ def build_lm(model: torch.nn.Module, tokenizer_file: str | Path, batch_size: int
              groups: EvalGroups | None = None) -> HFLM:
     """lm-eval's `HFLM` around the in-memory model with `<s>` explicitly on; sharded when `groups` is given."""
     _quiet_in_memory_warnings()
-    kwargs = dict(pretrained=model, tokenizer=SentencePieceHFTokenizer(tokenizer_file), add_bos_token=True,
+    kwargs = dict(pretrained=model, tokenizer=hf_tokenizer(tokenizer_file), add_bos_token=True,
                   batch_size=batch_size)
     return HFLM(**kwargs) if groups is None else ShardedHFLM(groups, **kwargs)
 
