@@ -3,6 +3,9 @@
     python bench/data_prep.py [--copies 5] [--rss-copies 8]
 
 (a) the raw tokenizer's encode speed on one core (MB/s of text): the ceiling for one worker;
+(a') beside it, the `tokenizers` library's fast batch encoder (`encode_batch`, one thread) with a Llama-3-like
+    byte-level BPE (Llama-3's pre-tokenizer regex and special tokens, BPE_VOCAB ids trained here on the sample):
+    the ceiling for one worker on a Llama-3 family model (`--encoders-only` measures (a) and (a') and stops);
 (b) our pipeline end to end from .jsonl.zst with 1 and 2 workers;
 (c) a `datasets` pipeline to the same packed output: load_dataset("json") + batched map (num_proc 1 and 2)
     + group-texts;
@@ -35,6 +38,10 @@ sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT.parent / "shared" / "data" / "slimpajama-sample" / "train"
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama-tokenizer" / "tokenizer.model"
 SEQ_LEN = 2048
+BPE_VOCAB = 32_000
+# Llama-3's pre-tokenizer split (from its tokenizer.json), so words are cut as the real model's tokenizer cuts them.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def make_corpus(directory: Path, copies: int) -> list[Path]:
@@ -62,6 +69,29 @@ def raw_tokenizer_mb_s(texts: list[str]) -> float:
     start = time.perf_counter()
     for text in texts:
         sp.encode(text)
+    return sum(len(t.encode()) for t in texts) / 1e6 / (time.perf_counter() - start)
+
+
+def llama3_like_bpe(texts: list[str]):
+    """A byte-level BPE shaped like Llama-3's tokenizer (its split regex, byte-level, its BOS/EOS), trained here."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool: one core, as one worker
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
+def fast_tokenizer_mb_s(tok, texts: list[str], batch: int = 1000) -> float:
+    start = time.perf_counter()
+    for first in range(0, len(texts), batch):
+        tok.encode_batch(texts[first:first + batch], add_special_tokens=False)
     return sum(len(t.encode()) for t in texts) / 1e6 / (time.perf_counter() - start)
 
 
@@ -167,6 +197,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=5, help="corpus = the shared sample repeated this often")
     parser.add_argument("--rss-copies", type=int, default=8, help="corpus multiple for the flat-memory check")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of (a), (b1), (b2); best kept")
+    parser.add_argument("--encoders-only", action="store_true", help="measure (a) and (a') only")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
@@ -177,6 +208,9 @@ def main() -> None:
         print(f"corpus: {mb:.1f} MB of text, {len(texts):,} documents, {len(files)} files "
               f"(shared sample x{args.copies}); seq_len {SEQ_LEN}; machine: {os.cpu_count()} cores", flush=True)
 
+        if args.encoders_only:
+            compare_encoders(texts, len(texts) // args.copies, args.repeats)
+            return
         # a, b1 and b2 are interleaved and repeated, best of each kept: on a shared machine the speed of a core
         # drifts by 10-20 % over minutes, and the ratios compare runs made seconds apart.
         a, b = 0.0, {1: 0.0, 2: 0.0}
@@ -224,6 +258,21 @@ def main() -> None:
               f"(ratio {rss[args.rss_copies] / rss[1]:.2f})")
         print(f"  loader: {loader:,.0f} sequences/s on one core = {loader / needed:,.0f}x what one GPU at "
               f"40k tokens/s needs ({needed:.1f} sequences/s)")
+
+
+def compare_encoders(texts: list[str], sample_docs: int, repeats: int) -> None:
+    """(a) and (a'), interleaved and repeated, best of each kept (the cores of a shared machine drift)."""
+    start = time.perf_counter()
+    bpe = llama3_like_bpe(texts[:sample_docs])
+    print(f"Llama-3-like BPE ({bpe.get_vocab_size()} ids) trained on the sample in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    a = fast = 0.0
+    for _ in range(repeats):
+        a = max(a, raw_tokenizer_mb_s(texts))
+        fast = max(fast, fast_tokenizer_mb_s(bpe, texts))
+    print(f"(a)  raw SentencePiece encode (LLaMA 32k tokenizer.model), 1 core    {a:6.2f} MB/s")
+    print(f"(a') tokenizers encode_batch (Llama-3-like BPE tokenizer.json), 1 core {fast:6.2f} MB/s  "
+          f"(ratio {fast / a:.2f})")
 
 
 if __name__ == "__main__":
