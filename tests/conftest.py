@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+# The virtualenv's tools first, as in an activated venv, so every process builds DeepSpeed's ops with the venv's ninja:
+# a system ninja of another version hashes .ninja_log differently, and each would rebuild the shared op (~80 s of two
+# compilers) whenever the other built it last.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 # The pruning tests' trained tiny model and calibration windows, shared by the prune and LoRA tests.
 from prune_fixtures import model_dir, windows  # noqa: E402, F401
