@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,12 +73,33 @@ class DataConfig:
                "default: the published CPT, like LLaMA's pretraining, lets packed documents attend to each other. "
                "With sdpa/eager it materializes a (seq_len x seq_len) mask per sequence; on GPUs use "
                "model.attn_implementation=flash_attention_2")
+    mixture: dict[str, float] | None = setting(
+        None, "static mixture weights by source, e.g. {RedPajamaC4: 0.5, RedPajamaGithub: 0.5} (normalised to sum "
+              "1): each step's global batch takes each source's share from that source's own shuffled order; a "
+              "source not named is not sampled. Needs shards prepared with --pack-by-source. Unset: one global "
+              "order over all samples")
 
     def __post_init__(self) -> None:
         _require(self.seq_len > 0, "data.seq_len", "must be positive")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(not self.split or self.format == "stream", "data.split",
                  "is read with data.format=stream only (a shard directory holds one split already)")
+        if self.mixture is not None:
+            self.mixture = normalised_mixture(self.mixture, self.format)
+
+
+def normalised_mixture(weights: dict[str, float], data_format: str) -> dict[str, float]:
+    """`data.mixture` checked and scaled to sum 1, sources in name order (so one mixture has one spelling)."""
+    _require(data_format == "shards", "data.mixture",
+             "needs data.format=shards (shards prepared with --pack-by-source); a stream is read in input order")
+    for source, weight in weights.items():
+        _require(math.isfinite(weight) and weight >= 0, f"data.mixture.{source}",
+                 f"weight {weight} must be a finite number >= 0 (0: the source is not sampled)")
+    total = sum(weights.values())
+    _require(total > 0, "data.mixture", f"every weight is 0 ({weights or 'no source named'}): nothing would be "
+                                        "sampled; give at least one source a positive weight, or leave data.mixture "
+                                        "unset for the global order")
+    return {source: weights[source] / total for source in sorted(weights)}
 
 
 @dataclass
@@ -545,9 +567,15 @@ def value_sources(cls: type, path: str | Path | None, overrides: Sequence[str]) 
     overridden = {item.partition("=")[0] for item in overrides}
     sources = {}
     for doc in config_keys(cls):
-        covered = lambda keys: any(doc.key == k or doc.key.startswith(k + ".") for k in keys)  # noqa: E731
-        sources[doc.key] = "override" if covered(overridden) else "file" if covered(in_file) else "default"
+        source = "override" if _given(doc.key, overridden) else "file" if _given(doc.key, in_file) else "default"
+        sources[doc.key] = source
     return sources
+
+
+def _given(key: str, given: set[str]) -> bool:
+    """`key` is set by one of the `given` dotted keys: itself, its section, or a part of it (a mapping-valued
+    setting given one entry at a time, data.mixture.RedPajamaC4=0.5)."""
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in given)
 
 
 def render_config(config: Any, sources: dict[str, str]) -> str:
@@ -556,7 +584,7 @@ def render_config(config: Any, sources: dict[str, str]) -> str:
 
     def walk(data: dict[str, Any], prefix: str, indent: str) -> None:
         for key, value in data.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and prefix + key not in sources:  # a section, not a mapping-valued setting
                 rows.append((f"{indent}{key}:", ""))
                 walk(value, f"{prefix}{key}.", indent + "  ")
             else:
@@ -631,6 +659,12 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         item = args[0] if args else Any
         items = [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping such as {{name: value, ...}}, got {value!r}")
+        key_hint, value_hint = args if args else (Any, Any)
+        return {_coerce(key_hint, name, f"{key} (a key)", source): _coerce(value_hint, item, f"{key}.{name}", source)
+                for name, item in value.items()}
     if hint is Any:
         return value
     if hint is bool:

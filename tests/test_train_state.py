@@ -66,13 +66,19 @@ def sample_state(**changes) -> TrainingState:
     return dataclasses.replace(TrainingState.from_json(OLD_FILE, "test"), **changes)
 
 
-def test_a_file_from_before_the_typed_state_loads_and_is_written_back_byte_for_byte(tmp_path):
+# The same state as format 2 writes it: format 1 meant "no mixture".
+FORMAT_2_FILE = OLD_FILE.replace('"format_version": 1', '"format_version": 2').replace(
+    ' "micro_batch_size": 1,\n', ' "micro_batch_size": 1,\n "mixture": null,\n')
+
+
+def test_a_file_from_before_the_typed_state_loads_and_is_written_back_as_format_2(tmp_path):
     state = TrainingState.from_json(OLD_FILE, "old")
     assert (state.step, state.consumed_samples, state.tokens, state.world_size, state.zero_stage) == (3, 12, 768, 2, 2)
     assert state.identity.seq_len == 64 and state.identity.architecture["rope_parameters"]["rope_type"] == "default"
-    assert state.to_json() == OLD_FILE
+    assert state.mixture is None and state.format_version == FORMAT_VERSION == 2
+    assert state.to_json() == FORMAT_2_FILE
     atomic_write_json(state.to_dict(), tmp_path / ckpt.STATE_FILE)  # how a save writes it
-    assert (tmp_path / ckpt.STATE_FILE).read_text() == OLD_FILE
+    assert (tmp_path / ckpt.STATE_FILE).read_text() == FORMAT_2_FILE
     assert TrainingState.read(tmp_path / ckpt.STATE_FILE) == state
 
 
@@ -106,7 +112,9 @@ def edited(edit) -> dict:
     (lambda d: d.update(step=True), r"step is True, expected int"),
     (lambda d: d.update(identity=[]), r"identity is \[\], expected RunIdentity"),
     (lambda d: d["identity"].update(seq_len=64.0), r"seq_len in 'identity' is 64.0, expected int"),
-    (lambda d: d.update(format_version=2), rf"training state format 2, this trainer reads {FORMAT_VERSION}"),
+    (lambda d: d.update(format_version=3), rf"training state format 3, this trainer reads {FORMAT_VERSION}"),
+    (lambda d: d.update(format_version=2), r"missing keys \['mixture'\]"),
+    (lambda d: d.update(format_version=2, mixture={"weights": {}}), r"mixture: a mixture state has the keys"),
     (lambda d: d.pop("format_version"), r"training state format None"),
 ])
 def test_a_state_this_trainer_cannot_read_fully_is_refused_naming_the_file(tmp_path, edit, said):

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shortened.data.mixture import MixtureSampler, MixtureState, SourceIndex
 from shortened.data.packing import document_position_ids
 from shortened.data.sampler import GlobalOrderSampler
 from shortened.data.shards import PackedShards
@@ -41,14 +42,24 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def build_train_loader(shards_dir: str | Path, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                        dp_world_size: int, seed: int, consumed_samples: int = 0, num_workers: int = 0,
                        pin_memory: bool = False, document_mask: bool = False,
-                       worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+                       worker_init_fn: Callable[[int], None] | None = None,
+                       mixture: MixtureState | None = None) -> DataLoader:
     """An endless loader of micro-batches; `consumed_samples` (global, at a step boundary) is where it starts.
 
-    `worker_init_fn` runs in each worker process at start (the trainer uses it for signal handling).
+    With `mixture` (shards packed by source), each step's batch follows the mixture from that state instead
+    (shortened/data/mixture.py); `consumed_samples` is then not needed. `worker_init_fn` runs in each worker process
+    at start (the trainer uses it for signal handling).
     """
     shards = PackedShards(shards_dir)
-    sampler = GlobalOrderSampler(len(shards), global_batch_size, micro_batch_size, dp_rank, dp_world_size, seed,
-                                 consumed_samples)
+    sampler: GlobalOrderSampler | MixtureSampler
+    if mixture is None:
+        sampler = GlobalOrderSampler(len(shards), global_batch_size, micro_batch_size, dp_rank, dp_world_size, seed,
+                                     consumed_samples)
+    else:
+        index = SourceIndex.from_manifest(shards.manifest)
+        if index is None:
+            raise ValueError(f"{shards_dir}: a mixture needs shards prepared with --pack-by-source")
+        sampler = MixtureSampler(index, mixture, global_batch_size, micro_batch_size, dp_rank, dp_world_size, seed)
     return DataLoader(
         SequenceDataset(shards, document_mask),
         batch_sampler=sampler,

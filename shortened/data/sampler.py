@@ -60,6 +60,17 @@ class FeistelPermutation:
         return (left << shift) | right
 
 
+def global_order_indices(num_samples: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Sample indices at positions [start, start + count) of the global order of `num_samples` samples."""
+    positions = np.arange(start, start + count, dtype=np.int64)
+    epochs = positions // num_samples
+    out = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        mask = epochs == epoch
+        out[mask] = FeistelPermutation(num_samples, seed, int(epoch))(positions[mask] % num_samples)
+    return out
+
+
 class GlobalOrderSampler:
     """Yields this rank's micro-batches of sample indices, starting after `consumed_samples` global samples.
 
@@ -89,14 +100,7 @@ class GlobalOrderSampler:
 
     def global_indices(self, start: int, count: int) -> np.ndarray:
         """Sample indices at global positions [start, start + count)."""
-        positions = np.arange(start, start + count, dtype=np.int64)
-        epochs = positions // self.num_samples
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            permutation = FeistelPermutation(self.num_samples, self.seed, int(epoch))
-            out[mask] = permutation(positions[mask] % self.num_samples)
-        return out
+        return global_order_indices(self.num_samples, self.seed, start, count)
 
     def epoch_of(self, position: int) -> int:
         return position // self.num_samples

@@ -269,7 +269,7 @@ def check_config_changes(checkpoint: Checkpoint, old_config: dict[str, Any], new
 
     A key the checkpoint's config lacks (it predates the key) is not a change.
     """
-    changes = {key: values for key, values in config_changes(old_config, new_config).items() if values[0] is not None}
+    changes = config_changes(old_config, new_config)
     refusals = []
     for key, (old, new) in changes.items():
         rule = rule_for(key)

@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader
 
 from shortened.config import RunConfig, TrainConfig, to_dict
 from shortened.data.loader import build_train_loader
+from shortened.data.mixture import MixtureState, SourceIndex, advance, epochs_begun
+from shortened.data.sampler import global_order_indices
+from shortened.data.shards import read_manifest
 from shortened.data.streaming import StreamSpec, build_streaming_loader
 from shortened.fsutil import atomic_write_json
 from shortened.modeling import train_flops_per_token
@@ -139,6 +142,7 @@ class LoopState:
     consumed_samples: int
     last_checkpoint: Path | None  # the newest complete checkpoint, named when training stops on a bad loss
     skips_in_a_row: int = 0  # non-finite steps just before this one, against train.max_consecutive_skips
+    mixture: MixtureState | None = None  # data.mixture's state after `step`: the loop's own copy (see _domain_step)
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
           stop: StopRequest, objective: Objective, teacher_flops: float) -> TrainResult:
     train_cfg, budget = config.train, plan.budget
     state = LoopState(step=plan.start_step, consumed_samples=plan.consumed_samples,
-                      last_checkpoint=plan.checkpoint.path if plan.checkpoint else None)
+                      last_checkpoint=plan.checkpoint.path if plan.checkpoint else None, mixture=plan.mixture)
+    domains = _source_index(config)
     seq_len = plan.identity.seq_len
     run = LoopContext(env=env, model=engine.module, seq_len=seq_len, step_tokens=budget.tokens_per_step,
                       flops_per_token=train_flops_per_token(engine.module.config, seq_len) + teacher_flops,
@@ -208,13 +213,14 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
             # One collective per step carries the losses and whether any rank was asked to stop.
             *sums, stop_votes = all_reduce_sum([*local, float(bool(stop))], env.device)
             step_time = time.perf_counter() - started
+            domain_fields = _domain_step(state, domains, config, logger)
             state.step += 1
             state.consumed_samples += train_cfg.global_batch_size
             total, ce, kd = (value / (env.world_size * grad_accum) for value in sums)
             measured = StepMeasurement(loss=total, ce_loss=ce, kd_loss=kd if config.distill.enabled else None,
                                        lr=lr, applied=engine.was_step_applied(), grad_norm=_grad_norm(engine),
                                        step_time=step_time, phases=timer.pop())
-            record = _record(state, measured, run)
+            record = {**_record(state, measured, run), **domain_fields}
             if config.log.sample_ids:
                 record["sample_ids"] = all_gather_ints(sample_ids, env.device)
             try:
@@ -229,7 +235,7 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
                 save_started = time.perf_counter()
                 saved = ckpt.save(engine, env, plan.run_dir,
                                   training_state(config, plan, env.world_size, state.step, state.consumed_samples,
-                                                 engine.zero_optimization_stage()),
+                                                 engine.zero_optimization_stage(), state.mixture),
                                   config_yaml=config_yaml, hf_config=plan.hf_config,
                                   tokenizer_file=plan.tokenizer_file, save_hf=config.checkpoint.save_hf,
                                   keep_last=config.checkpoint.keep_last)
@@ -254,6 +260,37 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
             logger.close()
 
 
+def _source_index(config: RunConfig) -> SourceIndex | None:
+    """The shards' samples by source, when they are packed by source (the steps' domain_samples); else None."""
+    if config.data.format != "shards":
+        return None
+    return SourceIndex.from_manifest(read_manifest(config.data.path))
+
+
+def _domain_step(state: LoopState, domains: SourceIndex | None, config: RunConfig,
+                 logger: TrainLogger | None) -> dict[str, Any]:
+    """The coming step's log fields by source: `domain_samples` (and `domain_weights` under a mixture); advances
+    the loop's own copy of the mixture state by the step.
+
+    The counts are computed by the sampler's own function from the loop's state, not read from the sampler, which
+    runs ahead of the loop by the DataLoader's prefetched batches. Without a mixture, on shards packed by source,
+    rank 0 maps the step's global sample ids (the global order's, recomputed) to their sources.
+    """
+    batch = config.train.global_batch_size
+    if state.mixture is None:
+        if domains is None or logger is None:
+            return {}
+        ids = global_order_indices(domains.num_samples, config.data.seed, state.consumed_samples, batch)
+        return {"domain_samples": domains.count_by_source(ids)}
+    counts, after = advance(state.mixture, batch)
+    if domains is not None:
+        for source, epoch in epochs_begun(domains, state.mixture, after).items():
+            _say(logger, f"data.mixture: {source} has been read through; its epoch {epoch} begins at step "
+                         f"{state.step + 1}")
+    weights, state.mixture = state.mixture.weights, after
+    return {"domain_samples": counts, "domain_weights": weights}
+
+
 def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
     """This rank's micro-batches from `plan.consumed_samples` on: shards in the global order, or the raw stream."""
     layout: dict[str, Any] = dict(global_batch_size=config.train.global_batch_size,
@@ -265,7 +302,7 @@ def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
         spec = StreamSpec(config.data.path, str(plan.tokenizer_file), config.data.seq_len,
                           split=config.data.split or None)
         return build_streaming_loader(spec, **layout)
-    return build_train_loader(config.data.path, seed=config.data.seed, **layout)
+    return build_train_loader(config.data.path, seed=config.data.seed, mixture=plan.mixture, **layout)
 
 
 def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.device, objective: Objective,

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, to_dict
+from shortened.data.mixture import MixtureState, SourceIndex, same_weights
 from shortened.data.shards import check_shards
 from shortened.data.sources import InputError, discover
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
@@ -68,6 +69,7 @@ class RunPlan:
     start_step: int
     consumed_samples: int
     budget: Budget
+    mixture: MixtureState | None = None  # data.mixture's state at the first step; None: the global order
 
 
 def plan_budget(train: TrainConfig, seq_len: int, start_step: int = 0, consumed_samples: int = 0) -> Budget:
@@ -120,9 +122,10 @@ def data_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"data.path={config.data.path} holds no sequences ({manifest.get('docs_total', 0)} documents "
                           f"of {manifest.get('tokens_total', 0)} tokens, shorter than one {manifest['seq_len']}-token "
                           "sequence); prepare shards from a larger input")
+    index = SourceIndex.from_manifest(manifest)
     return {"seq_len": manifest["seq_len"], "tokenizer_sha256": manifest["tokenizer_sha256"],
             "data_fingerprint": manifest.get("fingerprint"), "num_sequences": manifest["num_sequences"],
-            "vocab_size": manifest.get("vocab_size")}
+            "vocab_size": manifest.get("vocab_size"), "source_sizes": index.sizes() if index else None}
 
 
 def stream_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
@@ -173,6 +176,51 @@ def check_data_fits(config: RunConfig, data: dict[str, Any], hf_config: dict[str
                     config.train.global_batch_size / sequences)
 
 
+def plan_mixture(config: RunConfig, source_sizes: dict[str, int] | None, checkpoint: Checkpoint | None
+                 ) -> MixtureState | None:
+    """data.mixture's state at the first step: fresh, the checkpoint's, or the checkpoint's per-source counts under
+    changed weights (logged); None without a mixture. `source_sizes` are the shards' sources (None: not packed by
+    source)."""
+    weights, path = config.data.mixture, config.data.path
+    saved = checkpoint.state.mixture if checkpoint is not None else None
+    if checkpoint is not None and (weights is None) != (saved is None):
+        raise CheckpointError(mixture_switch_refusal(checkpoint, saved))
+    if weights is None:
+        return None
+    if source_sizes is None:
+        raise ConfigError(f"data.mixture: the shards in {path} are not packed by source (every sequence may mix "
+                          "sources); prepare them with `python data_prep/slimpajama.py ... --pack-by-source`, or leave "
+                          "data.mixture unset")
+    sources = sorted(source_sizes)
+    for name in weights:
+        if name not in source_sizes:
+            raise ConfigError(f"data.mixture.{name}: the shards in {path} have no source {name!r}; they have "
+                              f"{', '.join(sources)}")
+    unsampled = [source for source in sources if not weights.get(source)]
+    if unsampled:
+        log.info("data.mixture: not sampled (not named, or weight 0): %s", ", ".join(unsampled))
+    fresh = MixtureState.start(weights, sources)
+    if saved is None:
+        return fresh
+    if same_weights(saved.weights, fresh.weights):
+        return saved
+    log.info("data.mixture changes on resume at step %d: weights %s -> %s; each source goes on in its own order from "
+             "its consumed count, the rounding starts afresh", checkpoint.step if checkpoint else 0,
+             json.dumps(saved.weights), json.dumps(fresh.weights))
+    return saved.with_weights(weights, sources)
+
+
+def mixture_switch_refusal(checkpoint: Checkpoint, saved: MixtureState | None) -> str:
+    """Why a checkpoint cannot resume with a mixture turned on or off, and what to do instead."""
+    fresh_run = (f"or start a new run_dir from its weights (model.init_from={checkpoint.path}/model); the sample "
+                 "orders do not continue each other, so samples would repeat while others are skipped")
+    if saved is None:
+        return (f"{checkpoint.path} was trained in the global sample order, without data.mixture, and data.mixture "
+                f"is set now: resume without data.mixture, {fresh_run}")
+    return (f"{checkpoint.path} was trained with data.mixture={json.dumps(saved.weights)}, and data.mixture is unset "
+            f"now: resume with a data.mixture (its weights may change), {fresh_run}")
+
+
 def check_zero_stage(checkpoint: Checkpoint, deepspeed_config: str) -> None:
     stage = read_base_config(deepspeed_config).get("zero_optimization", {}).get("stage")
     saved = checkpoint.state.zero_stage
@@ -217,17 +265,18 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
             ensure_universal(checkpoint, config.checkpoint.on_world_size_change)
         log.info("resuming from %s (step %d, %d tokens) on %d ranks%s", checkpoint.path, start_step,
                  state.tokens, world_size, f", re-partitioned from {state.world_size}" if universal else "")
+    mixture = plan_mixture(config, data.get("source_sizes"), checkpoint)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     return RunPlan(run_dir=run_dir, model_dir=model_dir, tokenizer_file=tokenizer_file, hf_config=hf_config,
                    identity=identity, checkpoint=checkpoint, universal=universal, start_step=start_step,
                    consumed_samples=consumed,
-                   budget=plan_budget(config.train, data["seq_len"], start_step, consumed))
+                   budget=plan_budget(config.train, data["seq_len"], start_step, consumed), mixture=mixture)
 
 
 def training_state(config: RunConfig, plan: RunPlan, world_size: int, step: int, consumed_samples: int,
-                   zero_stage: int) -> TrainingState:
-    """What a checkpoint at `step` records in its training_state.json."""
+                   zero_stage: int, mixture: MixtureState | None = None) -> TrainingState:
+    """What a checkpoint at `step` records in its training_state.json (`mixture`: the mixture's state after it)."""
     return TrainingState(
         format_version=FORMAT_VERSION,
         step=step,
@@ -241,4 +290,5 @@ def training_state(config: RunConfig, plan: RunPlan, world_size: int, step: int,
         config_hash=config_hash(config),
         identity=plan.identity,
         versions={"deepspeed": deepspeed.__version__, "torch": torch.__version__},
+        mixture=mixture,
     )

@@ -43,6 +43,9 @@ RULES: dict[str, ResumeRule] = {
     "data.seed": refused("the seed defines the sample order; another would repeat and skip samples"),
     "data.num_workers": honoured("loader processes only; the samples do not depend on it"),
     "data.document_mask": honoured("applies to every batch after the checkpoint"),
+    "data.mixture": honoured("new weights from the resumed step: each source goes on in its own order from its saved "
+                             "count, the rounding starts afresh; turning a mixture on or off is refused (a per-source "
+                             "order does not continue the global one)"),
     "train.global_batch_size": honoured("from the next step, if it divides the consumed samples; the token budget "
                                         "counts the tokens already trained"),
     "train.micro_batch_size": honoured("gradient accumulation is derived again; the global batch is unchanged"),
@@ -79,16 +82,20 @@ def rule_for(key: str) -> ResumeRule:
     raise KeyError(f"{key}: no resume rule; add it to shortened/train/resume_rules.py and docs/training.md")
 
 
+CONFIG_DEPTH = 2  # a run config is sections of settings; a mapping below them is one setting's value (data.mixture)
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two nested config dicts, with (old, new)."""
-    return _flat_diff(old, new)
+    """Dotted keys whose values differ between two nested config dicts, with (old, new). A key the old config lacks
+    (it predates the key) is not a change; one it holds as null is (data.mixture unset, then set)."""
+    return _flat_diff(old, new, "", CONFIG_DEPTH)
 
 
-def _flat_diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict):
+def _flat_diff(old: Any, new: Any, prefix: str, depth: int) -> dict[str, tuple[Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict) and depth > 0:
         out: dict[str, tuple[Any, Any]] = {}
-        for key in sorted(set(old) | set(new)):
-            out.update(_flat_diff(old.get(key), new.get(key), f"{prefix}{key}."))
+        for key in sorted(old):
+            out.update(_flat_diff(old[key], new.get(key), f"{prefix}{key}.", depth - 1))
         return out
     return {} if _same(old, new) else {prefix.rstrip("."): (old, new)}
 

@@ -4,6 +4,9 @@ The file is the JSON of `TrainingState.to_dict()` (sorted keys, as `atomic_write
 exactly the dataclass fields; a reader refuses a file with a key missing, an unknown key, a value of the wrong type or
 another `format_version`, naming the file, so a checkpoint is never half-understood. A new field (per-domain
 counters, a distillation teacher's state) bumps FORMAT_VERSION and gives `from_dict` a reader for the older versions.
+
+Format 2 added `mixture` (the `data.mixture` sampler's state, null without one); a format-1 file reads as format 2
+with `mixture` null, which is what it meant.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+from shortened.data.mixture import MixtureError, MixtureState
+
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -53,6 +58,7 @@ class TrainingState:
     config_hash: str
     identity: RunIdentity
     versions: dict[str, str]  # deepspeed and torch that wrote it; informative only
+    mixture: MixtureState | None = None  # data.mixture's per-source counters, remainders and weights (format 2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # recurses into identity
@@ -66,10 +72,17 @@ class TrainingState:
         if not isinstance(data, dict):
             raise CheckpointError(f"{source}: not a training state (a JSON object), but {type(data).__name__}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:  # checked first: another version may have other keys
+        if version == 1:  # format 1 predates data.mixture
+            data = {**data, "format_version": FORMAT_VERSION, "mixture": None}
+        elif version != FORMAT_VERSION:  # checked first: another version may have other keys
             raise CheckpointError(f"{source}: training state format {version}, this trainer reads {FORMAT_VERSION}")
         values = _fields(cls, data, source)
         values["identity"] = RunIdentity.from_dict(values["identity"], source)
+        if values["mixture"] is not None:
+            try:
+                values["mixture"] = MixtureState.from_dict(values["mixture"])
+            except MixtureError as err:
+                raise CheckpointError(f"{source}: mixture: {err}") from None
         return cls(**values)
 
     @classmethod
@@ -92,7 +105,7 @@ class TrainingState:
 # JSON types of the fields (bool is an int to Python, never a count here).
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "str": (str,), "str | None": (str, type(None)),
                                             "RunIdentity": (dict,), "dict[str, Any]": (dict,),
-                                            "dict[str, str]": (dict,)}
+                                            "dict[str, str]": (dict,), "MixtureState | None": (dict, type(None))}
 
 
 def _fields(cls: type, data: Any, source: str | Path, where: str = "") -> dict[str, Any]:
