@@ -33,12 +33,11 @@ from prune_fixtures import model_dir, windows  # noqa: E402, F401
 # The longest files first (seconds measured in one `make test` on 2 cores): `make test` hands whole files to its two
 # workers in this order (xdist's --no-loadscope-reorder; by default it sorts files by their number of tests, which
 # put the one-test demo last, running alone for minutes while the other core idled).
-LONGEST_FIRST = ("test_train_dist.py",  # 907 s
-                 "test_preemption.py",  # 435
-                 "test_demo.py",  # 307
-                 "test_train_distill.py",  # 219
-                 "test_train_bf16.py", "test_train_faults.py", "test_lora.py", "test_prune.py",  # 100-134
-                 "test_eval_faults.py", "test_eval_zero_shot.py", "test_eval_watch.py", "test_multinode.py")  # 54-71
+LONGEST_FIRST = ("test_train_dist.py",  # ~450 s
+                 "test_preemption.py",  # ~400
+                 "test_demo.py",  # ~300
+                 "test_lora.py", "test_prune.py", "test_eval_watch.py", "test_eval_dist.py",  # 45-70
+                 "test_train_distill.py", "test_multinode.py", "test_eval_zero_shot.py")  # 35-45
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
