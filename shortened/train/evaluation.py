@@ -35,7 +35,8 @@ class InlineEvaluation(TrainerHook):
         from shortened.eval.hook import InlineEvaluator
 
         if ctx.tokenizer_file is None:
-            raise ConfigError("eval.mode=inline: the model in model.init_from has no tokenizer.model to score with")
+            raise ConfigError("eval.mode=inline: the model in model.init_from has no tokenizer.model or tokenizer.json "
+                              "to score with")
         # Collective, and a bad task name raises here: before any compute is spent on training.
         self.evaluator = InlineEvaluator(self.config.eval, ctx.run_dir, ctx.tokenizer_file,
                                          validation_path=self.config.data.validation_path)
