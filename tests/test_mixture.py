@@ -28,8 +28,10 @@ from shortened.data.mixture import (
     source_seed,
 )
 from shortened.data.prepare import PrepareConfig, prepare_shards
+from shortened.data.sampler import global_order_indices
 from shortened.data.shards import read_manifest
 from shortened.train import checkpoint as ckpt
+from shortened.train.loop import LoopState, _domain_step
 from shortened.train.plan import plan_mixture
 from shortened.train.state import CheckpointError, TrainingState
 
@@ -173,6 +175,37 @@ def test_the_global_batch_is_the_same_on_1_2_and_4_ranks_and_is_each_sources_nex
     resumed = per_step_global_batches(index, MixtureState.from_dict(json.loads(json.dumps(state.to_dict()))),
                                       8, 2, 2, 3)
     assert resumed == per_step_global_batches(index, start, 8, 1, 1, 15)[12:]
+
+
+class Messages:
+    """Stands in for rank 0's TrainLogger: keeps what the loop says."""
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.said.append(text)
+
+
+def test_the_loop_advances_its_own_copy_of_the_state_and_logs_each_steps_sources():
+    index = toy_index()
+    config = mixture_config("train.global_batch_size=4", "train.micro_batch_size=1", "data.mixture={a: 1, c: 1}")
+    state = LoopState(step=0, consumed_samples=0, last_checkpoint=None,
+                      mixture=MixtureState.start(config.data.mixture, index.sources))
+    logger, expected = Messages(), [s for _, s in run_steps({"a": 0.5, "b": 0.0, "c": 0.5}, 4, 3)]
+    for step in range(3):
+        fields = _domain_step(state, index, config, logger)  # type: ignore[arg-type]
+        assert fields == {"domain_samples": {"a": 2, "b": 0, "c": 2}, "domain_weights": {"a": 0.5, "b": 0, "c": 0.5}}
+        assert state.mixture == expected[step]
+        state.step += 1
+    assert logger.said == ["data.mixture: c has been read through; its epoch 1 begins at step 2",
+                           "data.mixture: c has been read through; its epoch 2 begins at step 3"]
+    plain = dataclasses.replace(config, data=dataclasses.replace(config.data, mixture=None))
+    unmixed = LoopState(step=2, consumed_samples=8, last_checkpoint=None)
+    counts = _domain_step(unmixed, index, plain, logger)["domain_samples"]  # type: ignore[arg-type]
+    assert counts == index.count_by_source(global_order_indices(17, plain.data.seed, 8, 4))
+    assert sum(counts.values()) == 4
+    assert _domain_step(unmixed, None, plain, logger) == {} and _domain_step(unmixed, index, plain, None) == {}
 
 
 # ---------------------------------------------------------------------------------------------- config errors
