@@ -15,11 +15,8 @@ PYTEST_ARGS ?=
 # Test files run in parallel, a file per worker at a time (its module fixtures, the shared training runs, are built
 # once); a 2-rank test leaves a core idle in rendezvous and waits. Files are
 # handed out longest first (tests/conftest.py's order, kept by --no-loadscope-reorder).
-# `make test` runs 3 workers on 2 cores: with 2, its multi-process tests left ~18 % of the CPU idle (rendezvous,
-# collective timeouts, held saves; 1.65 cores busy over 15:10). `make test-fast` is CPU-bound: one worker per core.
-TEST_WORKERS ?= 3
-FAST_WORKERS ?= 2
-XDIST := --dist loadfile --no-loadscope-reorder
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # One compute thread per worker (the workers fill the cores): two workers' OpenMP pools on two cores spin-wait
 # against each other, and `make test-fast` took 3:45 with 346 CPU-s of user time instead of 2:20 with 200.
 TEST_THREADS ?= 1
@@ -39,7 +36,7 @@ $(VENV)/.installed: setup.py
 test test-fast: export OMP_NUM_THREADS = $(TEST_THREADS)
 
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop: everything but the multi-process jobs (2-rank DeepSpeed runs, launchers, the demo, LoRA runs) and
 # the end-to-end runs of a command line or of lm-eval (bad-input CLIs, the watcher, the efficiency bench).
@@ -47,7 +44,7 @@ SLOW_TESTS := test_train_dist test_train_distill test_train_bf16 test_train_faul
 	test_demo test_eval_dist test_lora test_docs_commands test_eval_zero_shot test_eval_faults test_eval_watch \
 	test_prune_efficiency test_mixture test_llama3
 test-fast: setup
-	$(PY) -m pytest -n $(FAST_WORKERS) $(XDIST) $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)
 
 # ruff: pyflakes, pycodestyle errors, import order (ruff.toml); mypy: the package's types (mypy.ini).
 lint: setup

@@ -30,7 +30,7 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 # The pruning tests' trained tiny model and calibration windows, shared by the prune and LoRA tests.
 from prune_fixtures import model_dir, windows  # noqa: E402, F401
 
-# The longest files first (seconds measured in one `make test` on 2 cores): `make test` hands whole files to its
+# The longest files first (seconds measured in one `make test` on 2 cores): `make test` hands whole files to its two
 # workers in this order (xdist's --no-loadscope-reorder; by default it sorts files by their number of tests, which
 # put the one-test demo last, running alone for minutes while the other core idled).
 LONGEST_FIRST = ("test_train_dist.py",  # ~450 s
