@@ -128,12 +128,18 @@ def save_with_tokenizer(model: PreTrainedModel, out_dir: str | Path, tokenizer_f
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(tokenizer_file, out)
+    return out
+
+
+def copy_tokenizer(tokenizer_file: str | Path, out_dir: Path) -> None:
+    """The tokenizer into `out_dir` under its canonical name: `tokenizer.model` (SentencePiece), or `tokenizer.json`
+    with the sidecar files of its directory. Models, checkpoints and exports all hold it this way."""
     tokenizer_file = Path(tokenizer_file)
     if tokenizer_file.suffix != ".json":
-        shutil.copyfile(tokenizer_file, out / "tokenizer.model")
-        return out
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.model")
+        return
+    shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
     for name in JSON_TOKENIZER_SIDECARS:
         if (tokenizer_file.parent / name).is_file():
-            shutil.copyfile(tokenizer_file.parent / name, out / name)
-    return out
+            shutil.copyfile(tokenizer_file.parent / name, out_dir / name)

@@ -17,8 +17,10 @@ import io
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,7 +136,6 @@ class WarmGroup:
         return self.returncode
 
     def kill(self) -> None:
-        import signal
         for rank in self.ranks:
             try:
                 os.killpg(rank.pid, signal.SIGKILL)  # each rank leads a session: it and its DataLoader workers
@@ -147,14 +148,13 @@ class WarmGroup:
 def run(argv: list, *, env: dict[str, str], timeout: float, cwd: Path | None = None,
         check: bool = False) -> subprocess.CompletedProcess:
     """subprocess.run([python, *argv], capture_output=True, text=True, ...) for a script, forked warm."""
-    import tempfile
     with tempfile.TemporaryDirectory(prefix="warm_run_") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         process = WarmProcess(argv, env, cwd or Path.cwd(), out, err)
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
         result = subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"),

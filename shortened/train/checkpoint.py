@@ -42,7 +42,7 @@ from shortened.fsutil import (
     sealed_damage,
     take_lock,
 )
-from shortened.modeling import save_with_tokenizer
+from shortened.modeling import copy_tokenizer, save_with_tokenizer
 from shortened.rng import save_rng_state
 from shortened.train.distributed import DistEnv, barrier
 from shortened.train.failpoints import failpoint
@@ -58,7 +58,6 @@ MARKER = "complete.json"
 STATE_FILE = "training_state.json"
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.model"
 DEEPSPEED_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"
 HF_DIR = "model"
@@ -346,7 +345,7 @@ def write_rank0_files(path: Path, state: TrainingState, config_yaml: str, hf_con
     (path / CONFIG_FILE).write_text(config_yaml)
     (path / MODEL_CONFIG_FILE).write_text(json.dumps(hf_config, indent=1, sort_keys=True))
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, path / TOKENIZER_FILE)
+        copy_tokenizer(tokenizer_file, path)
 
 
 def flush_rank_files(path: Path, rank: int) -> None:

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shortened.modeling import JSON_TOKENIZER_SIDECARS
+from shortened.modeling import copy_tokenizer
+from shortened.tokenizer import TokenizerNotFound, load_tokenizer
 from shortened.train.checkpoint import (
     DEEPSPEED_TAG,
-    HF_DIR,
     MODEL_CONFIG_FILE,
     STATE_FILE,
-    TOKENIZER_FILE,
     CheckpointError,
     marker_problem,
 )
@@ -72,36 +70,18 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
     out.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out)
     save_torch_state_dict(weights, out, max_shard_size="5GB")
-    _copy_tokenizer(path, out, hf_config)
+    _copy_tokenizer(path, out)
     return out
 
 
-def _copy_tokenizer(path: Path, out: Path, hf_config) -> None:
-    """The checkpoint's tokenizer under its own name. The trainer stores a model's `tokenizer.json` (Llama-3) as
-    `tokenizer.model` without its tokenizer_config.json, so a JSON file is exported as tokenizer.json with the
-    sidecars of the checkpoint's model/ copy, or, without one, a tokenizer_config.json naming the config's bos/eos."""
-    tokenizer = path / TOKENIZER_FILE
-    if not tokenizer.is_file():
-        log.warning("%s has no %s: the export has no tokenizer", path, TOKENIZER_FILE)
+def _copy_tokenizer(path: Path, out: Path) -> None:
+    """The checkpoint's tokenizer, as the trainer stored it (`modeling.copy_tokenizer`)."""
+    try:
+        tokenizer = load_tokenizer(path).path
+    except TokenizerNotFound:
+        log.warning("%s has no tokenizer.model or tokenizer.json: the export has no tokenizer", path)
         return
-    if tokenizer.read_bytes()[:1] != b"{":  # a SentencePiece model is a protobuf, never JSON
-        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
-        return
-    shutil.copyfile(tokenizer, out / "tokenizer.json")
-    sidecars = [path / HF_DIR / name for name in JSON_TOKENIZER_SIDECARS if (path / HF_DIR / name).is_file()]
-    for sidecar in sidecars:
-        shutil.copyfile(sidecar, out / sidecar.name)
-    if not sidecars:
-        _write_tokenizer_config(tokenizer, out, hf_config)
-
-
-def _write_tokenizer_config(tokenizer: Path, out: Path, hf_config) -> None:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.id_to_token(hf_config.bos_token_id),
-              "eos_token": tok.id_to_token(hf_config.eos_token_id)}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    copy_tokenizer(tokenizer, out)
 
 
 def _check_names(weights: dict[str, torch.Tensor], hf_config, path: Path) -> None:
