@@ -42,7 +42,7 @@ test: setup
 # the end-to-end runs of a command line or of lm-eval (bad-input CLIs, the watcher, the efficiency bench).
 SLOW_TESTS := test_train_dist test_train_distill test_train_bf16 test_train_faults test_multinode test_preemption \
 	test_demo test_eval_dist test_lora test_docs_commands test_eval_zero_shot test_eval_faults test_eval_watch \
-	test_prune_efficiency test_mixture test_llama3
+	test_prune_efficiency test_mixture test_dynamic test_llama3
 test-fast: setup
 	$(PY) -m pytest $(XDIST) $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)
 

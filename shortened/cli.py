@@ -127,7 +127,8 @@ def config_help(cls: type, width: int = 100) -> str:
     lines = []
     for doc in config_keys(cls):
         lines.append(f"  {doc.key} ({doc.type}, default: {yaml_value(doc.default)})")
-        lines.extend(textwrap.wrap(doc.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        lines.extend(textwrap.wrap(doc.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                   break_on_hyphens=False))  # a flag such as --pack-by-source stays whole
     return "\n".join(lines)
 
 

@@ -57,6 +57,43 @@ class ModelConfig:
 
 
 @dataclass
+class DynamicConfig:
+    """Sheared-LLaMA's dynamic batch loading: every `every_steps` steps each domain's validation loss is measured
+    against its reference, and the domains that lag get more of the next steps' batches."""
+
+    every_steps: int = setting(0, "steps between weight updates (0: off). Needs data.validation_path prepared with "
+                                  "--pack-by-source and training shards packed by source")
+    eta: float = setting(1.0, "step size of the update: weights = softmax(log weights + eta * max(loss - reference, "
+                              "0))")
+    smoothing: float = setting(1e-4, "then weights = (1 - smoothing) * weights + smoothing / domains, so no domain "
+                                     "starves")
+    reference: Literal["model"] | dict[str, float] | None = setting(
+        None, "each domain's target validation loss: {source: loss}, or model: the losses of "
+              "data.dynamic.reference_model, measured once at the start and kept in the run directory")
+    reference_model: str = setting("", "with reference=model: the Hugging Face model directory whose losses are the "
+                                       "reference, normally the unpruned source; empty: distill.teacher")
+    eval_sequences: int = setting(0, "validation sequences per domain scored at each update (0: all of them)")
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "data.dynamic.every_steps", "must be >= 0 (0: off)")
+        _require(self.eval_sequences >= 0, "data.dynamic.eval_sequences", "must be >= 0 (0: all)")
+        _require(math.isfinite(self.eta) and self.eta >= 0, "data.dynamic.eta", f"{self.eta} must be >= 0")
+        _require(0 <= self.smoothing < 1, "data.dynamic.smoothing", f"{self.smoothing} must be in [0, 1)")
+        if not self.enabled:
+            return
+        _require(self.reference is not None, "data.dynamic.reference",
+                 "dynamic loading needs each domain's reference loss: {source: loss}, or model (the losses of "
+                 "data.dynamic.reference_model)")
+        if isinstance(self.reference, dict):
+            for source, loss in self.reference.items():
+                _require(math.isfinite(loss), f"data.dynamic.reference.{source}", f"loss {loss} must be finite")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0
+
+
+@dataclass
 class DataConfig:
     path: str = setting("", "format=shards: directory of manifest.json + token shards; format=stream: raw input")
     format: Literal["shards", "stream"] = setting(
@@ -78,6 +115,9 @@ class DataConfig:
               "1): each step's global batch takes each source's share from that source's own shuffled order; a "
               "source not named is not sampled. Needs shards prepared with --pack-by-source. Unset: one global "
               "order over all samples")
+    dynamic: DynamicConfig = setting(help="dynamic batch loading: mixture weights that follow each domain's "
+                                          "validation loss (off unless data.dynamic.every_steps is set)",
+                                     factory=DynamicConfig)
 
     def __post_init__(self) -> None:
         _require(self.seq_len > 0, "data.seq_len", "must be positive")
@@ -86,6 +126,17 @@ class DataConfig:
                  "is read with data.format=stream only (a shard directory holds one split already)")
         if self.mixture is not None:
             self.mixture = normalised_mixture(self.mixture, self.format)
+        if self.dynamic.enabled:
+            _require(self.format == "shards", "data.dynamic.every_steps",
+                     "needs data.format=shards (shards prepared with --pack-by-source)")
+            _require(bool(self.validation_path), "data.dynamic.every_steps",
+                     "dynamic loading measures each domain's validation loss: set data.validation_path to the "
+                     "validation split prepared with --pack-by-source")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether batches follow per-source weights (data.mixture, or dynamic loading from the natural mixture)."""
+        return self.mixture is not None or self.dynamic.enabled
 
 
 def normalised_mixture(weights: dict[str, float], data_format: str) -> dict[str, float]:
@@ -274,6 +325,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir", "must be set")
         _require(bool(self.resume), "resume", "must be auto, never or a checkpoint path")
+        dynamic = self.data.dynamic
+        _require(not (dynamic.enabled and dynamic.reference == "model" and not dynamic.reference_model
+                      and not self.distill.enabled), "data.dynamic.reference_model",
+                 "reference=model needs the model to measure: set data.dynamic.reference_model (the unpruned source "
+                 "model), or distill.teacher")
 
 
 DTYPES = Literal["auto", "bfloat16", "float16", "float32"]

@@ -55,9 +55,12 @@ def checkpoint_with_config(tmp_path: Path, **changes: str) -> tuple[ckpt.Checkpo
 def test_every_key_changed_on_resume_is_refused_or_logged_as_its_rule_says(tmp_path, caplog, key):
     """Walks the table: each key of the config, changed alone."""
     checkpoint, (old, new) = checkpoint_with_config(tmp_path)
-    section, _, name = key.rpartition(".")
-    (new[section] if section else new)[name] = "a changed value"
-    old_value = (old[section] if section else old)[name]
+    *sections, name = key.split(".")
+    old_section, new_section = old, new
+    for section in sections:
+        old_section, new_section = old_section[section], new_section[section]
+    new_section[name] = "a changed value"
+    old_value = old_section[name]
     rule = rule_for(key)
     with caplog.at_level(logging.INFO):
         if rule.action == "refused":

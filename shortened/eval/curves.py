@@ -1,7 +1,10 @@
 """`curves.png`: each task's reported metric against training tokens, one line per run, runs overlaid.
 
 A reference model (the unpruned source, evaluated once by `launch/evaluate.py --output`) is a dashed horizontal
-line in every panel it has a value for; zero-shot points are shaded ±1 stderr as lm-eval reports it.
+line in every panel it has a value for; zero-shot points are shaded ±1 stderr as lm-eval reports it. A run trained
+under a mixture (data.mixture, data.dynamic) also gets a panel of its domain weights over tokens, from the
+`domain_weights` of its train_log.jsonl; dynamic loading's per-domain validation losses (validation/SOURCE rows) are
+panels beside the validation loss.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MEAN_PANEL = (ZERO_SHOT_MEAN, "mean")
 VALIDATION_TASK = "validation"  # shortened.eval.validation.TASK; not imported, that module loads torch
+TRAIN_LOG = "train_log.jsonl"  # shortened.train.metrics writes it
 DEFAULT_REFERENCE_LABEL = "source (unpruned)"
 SHADING_NOTE = "shaded: ±1 stderr (lm-eval)"
 
@@ -44,6 +48,7 @@ class Curves:
     runs: list[str]  # labels, in the order given
     series: dict[Panel, dict[str, list[Point]]] = field(default_factory=dict)  # panel -> run label -> points
     mean_members: set[tuple[tuple[str, str], ...]] = field(default_factory=set)  # of every mean row drawn
+    weights: dict[str, dict[str, list[Point]]] = field(default_factory=dict)  # run label -> source -> weights
 
 
 def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None) -> Curves:
@@ -64,10 +69,29 @@ def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None)
             if (task, metric) == MEAN_PANEL:
                 # rows written before the mean named its members have none: no reference mean for them
                 curves.mean_members.add(tuple(sorted((row.get("members") or {}).items())))
+        weights = domain_weights(run_dir / TRAIN_LOG)
+        if weights:
+            curves.weights[label] = weights
     for runs in curves.series.values():
         for points in runs.values():
             points.sort()
     return curves
+
+
+def domain_weights(train_log: Path) -> dict[str, list[Point]]:
+    """Each source's mixture weight at every step of the log that has them (rows in step order; a torn last line,
+    from a job killed while writing, is skipped)."""
+    if not train_log.is_file():
+        return {}
+    weights: dict[str, list[Point]] = {}
+    for line in train_log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        for source, weight in (row.get("domain_weights") or {}).items():
+            weights.setdefault(source, []).append(Point(row["tokens"], weight, None))
+    return weights
 
 
 def load_reference(path: str | Path) -> Reference:
@@ -122,9 +146,9 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
     ref_values = reference_values(ref, curves) if ref is not None else {}
     colours = {label: f"C{i}" for i, label in enumerate(curves.runs)}
     # zero-shot tasks in the order the suite ran them, then their mean, then perplexities and losses
-    panels = sorted(curves.series, key=lambda p: (_is_perplexity(p) or p[0] == VALIDATION_TASK, p == MEAN_PANEL))
-    columns = min(4, len(panels))
-    rows = math.ceil(len(panels) / columns)
+    panels = sorted(curves.series, key=lambda p: (_is_perplexity(p) or _is_validation(p), p == MEAN_PANEL))
+    columns = min(4, len(panels) + len(curves.weights))
+    rows = math.ceil((len(panels) + len(curves.weights)) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     shaded = False
     for ax, panel in zip(axes.flat, panels):
@@ -146,7 +170,16 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
             ax.set_yscale("log")  # a pruned model starts at a PPL many times its final one
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax, (label, weights) in zip(list(axes.flat)[len(panels):], curves.weights.items()):
+        for source, points in weights.items():
+            ax.step([p.tokens for p in points], [p.value for p in points], where="post", label=source)
+        ax.set_title(f"domain weights: {label}", fontsize=10)
+        ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels) + len(curves.weights):]:
         ax.set_visible(False)
     if shaded:
         fig.suptitle(SHADING_NOTE, fontsize=8)
@@ -190,6 +223,10 @@ def _tokens(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:g}{suffix}"
     return f"{x:g}"
+
+
+def _is_validation(panel: Panel) -> bool:
+    return panel[0] == VALIDATION_TASK or panel[0].startswith(VALIDATION_TASK + "/")
 
 
 def _is_perplexity(panel: Panel) -> bool:

@@ -6,11 +6,14 @@ trainer minimises. The shards' tokenizer must be the model's, or the number woul
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
+from shortened.data.mixture import SourceIndex
 from shortened.data.shards import PackedShards, open_shards, read_manifest
-from shortened.eval.scoring import nll_sum
+from shortened.eval.scoring import nll_sum, window_nll
 from shortened.fsutil import file_sha256
 
 TASK = "validation"
@@ -49,3 +52,34 @@ class _Prefix:
 
     def __getitem__(self, index: int):
         return self.shards[index]
+
+
+def domain_validation_losses(model: torch.nn.Module, shards: PackedShards, index: SourceIndex,
+                             sources: Sequence[str], batch_size: int, limit: int = 0, rank: int = 0,
+                             world_size: int = 1, reduce: Callable[[list[float]], list[float]] | None = None
+                             ) -> dict[str, float]:
+    """Each source's mean next-token loss over its first `limit` validation sequences (0: all), on every rank.
+
+    The same bits on any world size, because dynamic loading turns them into weights that pick samples: each source's
+    sequences are cut into batches of `batch_size` (a batch's composition never depends on the ranks), batch b of the
+    whole list is scored by rank b mod world_size, `reduce` (a float64 all-reduce sum over ranks) adds the one rank's
+    sum to zeros from the others, and the per-batch sums are added in batch order.
+    """
+    batches = []  # (source, global ids) in source order
+    for source in sources:
+        size = index.size(source)
+        ids = index.to_global(source, np.arange(min(limit, size) if limit else size, dtype=np.int64))
+        batches += [(source, ids[lo : lo + batch_size]) for lo in range(0, len(ids), batch_size)]
+    device = next(model.parameters()).device
+    sums = [0.0] * len(batches)
+    for b in range(rank, len(batches), world_size):
+        windows = np.stack([shards[int(i)] for i in batches[b][1]])
+        sums[b], _ = window_nll(model, torch.as_tensor(windows, dtype=torch.long, device=device))
+    if reduce is not None:
+        sums = reduce(sums)
+    totals = {source: 0.0 for source in sources}
+    counts = {source: 0 for source in sources}
+    for (source, ids), total in zip(batches, sums):
+        totals[source] += total
+        counts[source] += len(ids) * (shards.seq_len - 1)
+    return {source: totals[source] / counts[source] for source in sources}

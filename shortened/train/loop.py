@@ -37,6 +37,7 @@ from shortened.train.distributed import (
     shutdown,
 )
 from shortened.train.ds_config import build_deepspeed_config
+from shortened.train.dynamic import DynamicLoading, describe, start_dynamic
 from shortened.train.engine import apply_optim_settings, build_engine, cpu_has_bf16_kernels, load_model
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, TrainerHook, call_hooks
@@ -81,8 +82,10 @@ def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
         apply_timeout_to_all_groups(config.train.dist_timeout_s)
         if plan.checkpoint is not None:
             _resume(engine, config, env, plan, plan.checkpoint)
-        objective, teacher_flops = _objective(engine, config, env)
-        return _loop(engine, config, env, plan, hooks, stop, objective, teacher_flops)
+        objective, teacher, teacher_flops = _objective(engine, config, env)
+        # collective: with reference=model the reference's losses are measured here, once per run
+        dynamic = start_dynamic(config, env, plan.run_dir, plan.tokenizer_file, plan.mixture, teacher)
+        return _loop(engine, config, env, plan, hooks, stop, objective, teacher_flops, dynamic)
     finally:
         shutdown()
 
@@ -99,15 +102,16 @@ def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
     return build_engine(model, ds_config, config.optim, plan.budget.total_steps)
 
 
-def _objective(engine, config: RunConfig, env: DistEnv) -> tuple[Objective, float]:
-    """The micro-batch loss, and the teacher's forward FLOPs per token that MFU counts beside the student's."""
+def _objective(engine, config: RunConfig, env: DistEnv) -> tuple[Objective, torch.nn.Module | None, float]:
+    """The micro-batch loss, the teacher (None without distillation), and the teacher's forward FLOPs per token
+    that MFU counts beside the student's."""
     if not config.distill.enabled:
-        return NextTokenObjective(), 0.0
+        return NextTokenObjective(), None, 0.0
     teacher = load_teacher(config.distill, config.train.precision, env.device, config.model.attn_implementation)
     if env.is_main:
         log.info("distilling from %s (%.1fM parameters, frozen, outside the optimizer): %s", config.distill.teacher,
                  teacher.num_parameters() / 1e6, json.dumps(to_dict(config.distill)))
-    return (DistillationObjective(engine, teacher, config.distill),
+    return (DistillationObjective(engine, teacher, config.distill), teacher,
             teacher_flops_per_token(teacher, config.data.seq_len))
 
 
@@ -182,7 +186,8 @@ class LoopContext:
 
 
 def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequence[TrainerHook],
-          stop: StopRequest, objective: Objective, teacher_flops: float) -> TrainResult:
+          stop: StopRequest, objective: Objective, teacher_flops: float, dynamic: DynamicLoading | None
+          ) -> TrainResult:
     train_cfg, budget = config.train, plan.budget
     state = LoopState(step=plan.start_step, consumed_samples=plan.consumed_samples,
                       last_checkpoint=plan.checkpoint.path if plan.checkpoint else None, mixture=plan.mixture)
@@ -192,7 +197,7 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
                       flops_per_token=train_flops_per_token(engine.module.config, seq_len) + teacher_flops,
                       peak=peak_flops(env.device, config.log.peak_tflops), run_dir=plan.run_dir,
                       tokenizer_file=plan.tokenizer_file)
-    batches = iter(_train_loader(config, env, plan))
+    batches = iter(_train_loader(config, env, plan, state.mixture))
     grad_accum = engine.gradient_accumulation_steps()
     logger = None
     if env.is_main:
@@ -221,6 +226,11 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
                                        lr=lr, applied=engine.was_step_applied(), grad_norm=_grad_norm(engine),
                                        step_time=step_time, phases=timer.pop())
             record = {**_record(state, measured, run), **domain_fields}
+            if dynamic is not None and dynamic.due(state.step):
+                record.update(_dynamic_update(dynamic, state, run, logger))
+                # the loader's prefetched batches follow the old weights: start it again from the new state,
+                # as a resume from this step's checkpoint would
+                batches = iter(_train_loader(config, env, plan, state.mixture))
             if config.log.sample_ids:
                 record["sample_ids"] = all_gather_ints(sample_ids, env.device)
             try:
@@ -291,8 +301,21 @@ def _domain_step(state: LoopState, domains: SourceIndex | None, config: RunConfi
     return {"domain_samples": counts, "domain_weights": weights}
 
 
-def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
-    """This rank's micro-batches from `plan.consumed_samples` on: shards in the global order, or the raw stream."""
+def _dynamic_update(dynamic: DynamicLoading, state: LoopState, run: LoopContext, logger: TrainLogger | None
+                    ) -> dict[str, Any]:
+    """Dynamic loading's update after `state.step`: new weights in the loop's mixture state, and the step's log
+    fields (the measured losses, which with this row's domain_weights and the reference give the next row's)."""
+    assert state.mixture is not None  # plan_mixture gives dynamic loading a mixture
+    started = time.perf_counter()
+    update = dynamic.update(run.model, state.mixture, state.step, run.tokens(state))
+    state.mixture = state.mixture.with_weights(update.after, list(state.mixture.weights))
+    _say(logger, describe(update))
+    return {"dynamic_losses": update.losses, "dynamic_s": time.perf_counter() - started}
+
+
+def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan, mixture: MixtureState | None) -> DataLoader:
+    """This rank's micro-batches from `plan.consumed_samples` (or from `mixture`'s state) on: shards in the global
+    order or by mixture, or the raw stream."""
     layout: dict[str, Any] = dict(global_batch_size=config.train.global_batch_size,
                                   micro_batch_size=config.train.micro_batch_size,
                   dp_rank=env.rank, dp_world_size=env.world_size, consumed_samples=plan.consumed_samples,
@@ -302,7 +325,7 @@ def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan) -> DataLoader:
         spec = StreamSpec(config.data.path, str(plan.tokenizer_file), config.data.seq_len,
                           split=config.data.split or None)
         return build_streaming_loader(spec, **layout)
-    return build_train_loader(config.data.path, seed=config.data.seed, mixture=plan.mixture, **layout)
+    return build_train_loader(config.data.path, seed=config.data.seed, mixture=mixture, **layout)
 
 
 def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.device, objective: Objective,

@@ -35,6 +35,7 @@ from shortened.train.checkpoint import (
 )
 from shortened.train.distributed import DistEnv, broadcast_object
 from shortened.train.ds_config import read_base_config
+from shortened.train.dynamic import check_dynamic
 from shortened.train.engine import hf_config_dict, resolve_model_dir
 from shortened.train.state import FORMAT_VERSION, RunIdentity, TrainingState
 from shortened.train.teacher import check_teacher
@@ -178,23 +179,29 @@ def check_data_fits(config: RunConfig, data: dict[str, Any], hf_config: dict[str
 
 def plan_mixture(config: RunConfig, source_sizes: dict[str, int] | None, checkpoint: Checkpoint | None
                  ) -> MixtureState | None:
-    """data.mixture's state at the first step: fresh, the checkpoint's, or the checkpoint's per-source counts under
+    """The mixture's state at the first step: fresh, the checkpoint's, or the checkpoint's per-source counts under
     changed weights (logged); None without a mixture. `source_sizes` are the shards' sources (None: not packed by
-    source)."""
-    weights, path = config.data.mixture, config.data.path
+    source).
+
+    The weights are data.mixture's, or with dynamic loading and no data.mixture the natural mixture (each source's
+    share of the samples). Under dynamic loading a resume keeps the checkpoint's weights: they are the updates'.
+    """
+    data = config.data
+    key = "data.mixture" if data.mixture is not None else "data.dynamic.every_steps"
     saved = checkpoint.state.mixture if checkpoint is not None else None
-    if checkpoint is not None and (weights is None) != (saved is None):
+    if checkpoint is not None and data.mixed != (saved is not None):
         raise CheckpointError(mixture_switch_refusal(checkpoint, saved))
-    if weights is None:
+    if not data.mixed:
         return None
     if source_sizes is None:
-        raise ConfigError(f"data.mixture: the shards in {path} are not packed by source (every sequence may mix "
+        raise ConfigError(f"{key}: the shards in {data.path} are not packed by source (every sequence may mix "
                           "sources); prepare them with `python data_prep/slimpajama.py ... --pack-by-source`, or leave "
-                          "data.mixture unset")
+                          f"{key} unset")
     sources = sorted(source_sizes)
+    weights = data.mixture if data.mixture is not None else natural_mixture(source_sizes)
     for name in weights:
         if name not in source_sizes:
-            raise ConfigError(f"data.mixture.{name}: the shards in {path} have no source {name!r}; they have "
+            raise ConfigError(f"data.mixture.{name}: the shards in {data.path} have no source {name!r}; they have "
                               f"{', '.join(sources)}")
     unsampled = [source for source in sources if not weights.get(source)]
     if unsampled:
@@ -202,12 +209,18 @@ def plan_mixture(config: RunConfig, source_sizes: dict[str, int] | None, checkpo
     fresh = MixtureState.start(weights, sources)
     if saved is None:
         return fresh
-    if same_weights(saved.weights, fresh.weights):
+    if data.dynamic.enabled or same_weights(saved.weights, fresh.weights):
         return saved
     log.info("data.mixture changes on resume at step %d: weights %s -> %s; each source goes on in its own order from "
              "its consumed count, the rounding starts afresh", checkpoint.step if checkpoint else 0,
              json.dumps(saved.weights), json.dumps(fresh.weights))
     return saved.with_weights(weights, sources)
+
+
+def natural_mixture(source_sizes: dict[str, int]) -> dict[str, float]:
+    """Each source's share of all samples: what the global order reads on average."""
+    total = sum(source_sizes.values())
+    return {source: size / total for source, size in sorted(source_sizes.items())}
 
 
 def mixture_switch_refusal(checkpoint: Checkpoint, saved: MixtureState | None) -> str:
@@ -266,6 +279,8 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
         log.info("resuming from %s (step %d, %d tokens) on %d ranks%s", checkpoint.path, start_step,
                  state.tokens, world_size, f", re-partitioned from {state.world_size}" if universal else "")
     mixture = plan_mixture(config, data.get("source_sizes"), checkpoint)
+    if config.data.dynamic.enabled and mixture is not None:
+        check_dynamic(config, [source for source, weight in mixture.weights.items() if weight > 0])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     return RunPlan(run_dir=run_dir, model_dir=model_dir, tokenizer_file=tokenizer_file, hf_config=hf_config,

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from shortened.config import RunConfig, config_keys
+
 
 @dataclass(frozen=True)
 class ResumeRule:
@@ -43,6 +45,8 @@ RULES: dict[str, ResumeRule] = {
     "data.seed": refused("the seed defines the sample order; another would repeat and skip samples"),
     "data.num_workers": honoured("loader processes only; the samples do not depend on it"),
     "data.document_mask": honoured("applies to every batch after the checkpoint"),
+    "data.dynamic": honoured("the weights go on from the checkpoint's, which hold every update so far; the settings "
+                             "apply from the next update (a new reference model is measured afresh)"),
     "data.mixture": honoured("new weights from the resumed step: each source goes on in its own order from its saved "
                              "count, the rounding starts afresh; turning a mixture on or off is refused (a per-source "
                              "order does not continue the global one)"),
@@ -82,22 +86,28 @@ def rule_for(key: str) -> ResumeRule:
     raise KeyError(f"{key}: no resume rule; add it to shortened/train/resume_rules.py and docs/training.md")
 
 
-CONFIG_DEPTH = 2  # a run config is sections of settings; a mapping below them is one setting's value (data.mixture)
-
-
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two nested config dicts, with (old, new). A key the old config lacks
-    (it predates the key) is not a change; one it holds as null is (data.mixture unset, then set)."""
-    return _flat_diff(old, new, "", CONFIG_DEPTH)
+    """The run config's settings (its leaf keys: a mapping such as data.mixture is one setting's value) whose values
+    differ between two nested config dicts, with (old, new). A key the old config lacks (it predates the key) is not
+    a change; one it holds as null is (data.mixture unset, then set)."""
+    changes = {}
+    for key in (doc.key for doc in config_keys(RunConfig)):
+        old_value, new_value = _lookup(old, key), _lookup(new, key)
+        if old_value is not _ABSENT and not _same(old_value, new_value):
+            changes[key] = (old_value, None if new_value is _ABSENT else new_value)
+    return changes
 
 
-def _flat_diff(old: Any, new: Any, prefix: str, depth: int) -> dict[str, tuple[Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict) and depth > 0:
-        out: dict[str, tuple[Any, Any]] = {}
-        for key in sorted(old):
-            out.update(_flat_diff(old[key], new.get(key), f"{prefix}{key}.", depth - 1))
-        return out
-    return {} if _same(old, new) else {prefix.rstrip("."): (old, new)}
+_ABSENT = object()
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
 
 
 def _same(old: Any, new: Any) -> bool:
