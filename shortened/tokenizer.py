@@ -4,13 +4,15 @@ Vicuna was trained on SentencePiece's ids. The Hugging Face fast tokenizer built
 `tokenizer.model` differs on real text (a double space becomes `▁▁` instead of `▁`,`▁I`: 475 of the 1,775
 documents of the shared SlimPajama sample) and is also slower here (1.8 vs 2.8 MB/s on one core), so a
 `tokenizer.model` is always encoded by SentencePiece itself. A directory with only `tokenizer.json`
-(LLaMA-3 style models) is encoded by the `tokenizers` library, which is that model's reference.
+(LLaMA-3 style models) is encoded by the `tokenizers` library, which is that model's reference; its
+`tokenizer_config.json` gives BOS/EOS and, for chat models, the `chat_template` conversations are rendered with.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from shortened.fsutil import file_sha256
 
@@ -57,19 +59,36 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(list(ids))
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Hugging Face chat template (jinja) and the special-token strings it may read (`bos_token`, ...)."""
+
+    source: Path  # the tokenizer_config.json that holds it, for error messages
+    template: str
+    special_tokens: dict[str, str]
+
+
 class HFJsonTokenizer(Tokenizer):
     def __init__(self, json_file: Path) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
         self._tok = RustTokenizer.from_file(str(json_file))
-        bos, eos = _special_ids(json_file.parent, self._tok)
+        config_file = json_file.parent / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        bos, eos = _special_ids(json_file.parent, config, self._tok)
         super().__init__(json_file, self._tok.get_vocab_size(with_added_tokens=True), bos, eos)
+        self.chat_template = _chat_template(config_file, config)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` and each token's (start, end) character span in it."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -89,17 +108,37 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise TokenizerNotFound(f"{path}: no such tokenizer file or directory")
 
 
-def _special_ids(directory: Path, tok) -> tuple[int, int]:
-    config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken object with `content`."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
+
+def _special_ids(directory: Path, config: dict[str, Any], tok) -> tuple[int, int]:
     def token_id(name: str) -> int:
-        token = config.get(name)
-        if isinstance(token, dict):
-            token = token.get("content")
+        token = _token_text(config.get(name))
         token_id = tok.token_to_id(token) if token else None
         if token_id is None:
             raise TokenizerNotFound(f"{directory}: tokenizer_config.json names no usable {name}")
         return token_id
 
     return token_id("bos_token"), token_id("eos_token")
+
+
+def _chat_template(config_file: Path, config: dict[str, Any]) -> ChatTemplate | None:
+    """The config's `chat_template`: a string, or Hugging Face's list of named templates, of which the one named
+    `default` renders conversations."""
+    template = config.get("chat_template")
+    if template is None:
+        return None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str):
+        raise TokenizerNotFound(f"{config_file}: chat_template must be a string or a list of {{name, template}} "
+                                "with one named 'default'")
+    # The variables transformers' apply_chat_template passes: every special token the config names.
+    special = {name: text for name, value in config.items()
+               if name.endswith("_token") and (text := _token_text(value)) is not None}
+    return ChatTemplate(config_file, template, special)

@@ -1,19 +1,41 @@
-"""Conversation-form instruction data (ShareGPT / Vicuna) for LoRA: Vicuna v1.1's template, the loss on the
-assistant's turns only, checked token by token with the real LLaMA tokenizer on real rows; bad records named by
-file, record and field."""
+"""Conversation-form instruction data (ShareGPT / Vicuna) for LoRA, the loss on the assistant's turns only, checked
+token by token on real rows: Vicuna v1.1's template with the real LLaMA tokenizer, and a model's own chat template
+(Llama-3's) with a Llama-3-layout byte-level BPE tokenizer, against transformers' rendering; bad records and
+templates that cannot be split into turns named by file, record and field."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from test_llama3 import BOS, CHAT_TOKENS, EOS, TRAIN_DOCS, train_llama3_like_tokenizer
+from tokenizers import Tokenizer as ReferenceTokenizer
+from transformers import AutoTokenizer
 
 from shortened.prune.conversation import VICUNA_SYSTEM, ConversationError
 from shortened.prune.errors import PruneInputError
 from shortened.prune.instruct import IGNORE_INDEX, encode_example, read_alpaca
-from shortened.tokenizer import load_tokenizer
+from shortened.tokenizer import TokenizerNotFound, load_tokenizer
 
-from conftest import EVAL_DATA
+from conftest import EVAL_DATA, read_original_documents
+
+# Meta-Llama-3-8B-Instruct's chat_template, as its tokenizer_config.json holds it.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 "
+    "%}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# The same with the assistant's part of each turn in `{% generation %}`, for transformers' own assistant mask.
+LLAMA3_MARKED = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}{{ '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n' }}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}{% else %}{{ message['content'] | trim + "
+    "'<|eot_id|>' }}{% endif %}{% endfor %}"
+)
+START_HEADER, END_HEADER, EOT = CHAT_TOKENS.values()
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +113,115 @@ def test_a_conversation_file_reads_and_encodes_through_the_lora_path(tmp_path, c
     records = read_alpaca(path)
     examples = [encode_example(r, load_tokenizer(tokenizer_model), 512, False) for r in records]
     assert examples[0] == examples[1] and examples[0].label_tokens > 0
+
+
+# ---------------------------------------------------------------------------------------------- a model's chat template
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory, slimpajama_sample) -> Path:
+    """A Llama-3-layout byte-level BPE tokenizer (tests/test_llama3.py's), without a chat template."""
+    texts = [r["text"] for r in read_original_documents(slimpajama_sample / "train")[:TRAIN_DOCS]]
+    return train_llama3_like_tokenizer(texts, tmp_path_factory.mktemp("bpe") / "tokenizer")
+
+
+def with_chat_template(bpe_dir: Path, out: Path, template) -> Path:
+    """The tokenizer with `template` in its tokenizer_config.json, where Hugging Face chat models keep it."""
+    shutil.copytree(bpe_dir, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return out
+
+
+def chat(conversation: dict) -> dict:
+    """The BoolQ conversation with a system turn first and a user turn left without a reply at the end."""
+    return {"id": conversation["id"], "conversations": [
+        {"from": "system", "value": "You answer yes or no."}, *conversation["conversations"],
+        {"from": "human", "value": "Thanks!"}]}
+
+
+def test_a_chat_template_is_rendered_and_only_the_replies_and_their_end_of_turn_carry_loss(tmp_path, bpe_dir,
+                                                                                         conversation):
+    tokenizer_dir = with_chat_template(bpe_dir, tmp_path / "chat", LLAMA3_CHAT_TEMPLATE)
+    record = chat(conversation)
+    example = encode_example(record, load_tokenizer(tokenizer_dir), 4096, train_on_inputs=False)
+
+    # Llama-3's format written out here and encoded whole by the `tokenizers` library itself
+    reference = ReferenceTokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    system, q1, a1, q2, a2, _ = (turn["value"].strip() for turn in record["conversations"])
+
+    def turn(role: str, text: str) -> str:
+        return f"{START_HEADER}{role}{END_HEADER}\n\n{text}{EOT}"
+
+    text = BOS + turn("system", system) + turn("user", q1) + turn("assistant", a1) + turn("user", q2) + \
+        turn("assistant", a2)
+    assert example.input_ids == reference.encode(text, add_special_tokens=False).ids
+    learned = reference.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+    assert learned == f"{a1}{EOT}{a2}{EOT}"  # the replies and the template's end of turn, no header
+
+    # transformers, given the same template with its assistant parts marked, masks the same tokens
+    messages = [{"role": role, "content": turn["value"]}
+                for role, turn in zip(("system", "user", "assistant", "user", "assistant"), record["conversations"])]
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(
+        messages, chat_template=LLAMA3_MARKED, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert hf["input_ids"] == example.input_ids
+    assert example.labels == [t if mask else IGNORE_INDEX for t, mask in zip(hf["input_ids"], hf["assistant_masks"])]
+    assert sum(hf["assistant_masks"]) == example.label_tokens
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    everything = encode_example(record, tokenizer, 4096, train_on_inputs=True)
+    assert everything.labels == everything.input_ids == example.input_ids
+    cut = encode_example(record, tokenizer, 20, train_on_inputs=False)
+    assert cut.input_ids == example.input_ids[:20] and cut.labels == example.labels[:20]
+
+
+def test_a_tokenizer_json_without_a_chat_template_keeps_vicunas(bpe_dir, conversation):
+    tokenizer = load_tokenizer(bpe_dir)
+    assert tokenizer.chat_template is None
+    example = encode_example(conversation, tokenizer, 4096, train_on_inputs=False)
+    assert example.input_ids[0] == tokenizer.bos_id
+    assert tokenizer.decode(example.input_ids[1:]).startswith(f"{VICUNA_SYSTEM} USER: ")
+    replies = [turn["value"] for turn in conversation["conversations"][1::2]]
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX]) == "".join(r + EOS for r in replies)
+
+
+GENERIC = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+           "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.mark.parametrize("template, fragment", [
+    # earlier turns change once later ones follow: a count of the messages up front
+    ("{{ messages | length }} messages\n" + GENERIC,
+     "the text rendered up to conversations[2] is not a prefix of the whole conversation's"),
+    # the generation prompt's trailing space and the reply's first word are one token (' No')
+    (GENERIC.replace("assistant:{% endif %}", "assistant: {% endif %}"),
+     "of the rendered text) falls inside the token ' "),
+    # Gemma-style templates refuse a system turn
+    ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+     + GENERIC, "System role not supported"),
+])
+def test_a_chat_template_that_cannot_be_split_into_turns_names_the_template_and_the_record(
+        tmp_path, bpe_dir, conversation, template, fragment):
+    tokenizer_dir = with_chat_template(bpe_dir, tmp_path / "chat", template)
+    with pytest.raises(ConversationError) as err:
+        encode_example(chat(conversation), load_tokenizer(tokenizer_dir), 4096, train_on_inputs=False)
+    message = str(err.value)
+    assert message.startswith(f"{tokenizer_dir / 'tokenizer_config.json'}: its chat_template on the record with id "
+                              "'boolq-0': ") and fragment in message, message
+    assert isinstance(err.value, PruneInputError)  # launch/lora.py: one error line, exit 2
+
+
+def test_a_plain_text_chat_template_learns_the_replies_alone(tmp_path, bpe_dir, conversation):
+    """No special tokens and a generation prompt that ends before the reply's leading space: the reply is the text
+    after `assistant:`, its newline included."""
+    tokenizer = load_tokenizer(with_chat_template(bpe_dir, tmp_path / "chat", GENERIC))
+    example = encode_example(chat(conversation), tokenizer, 4096, train_on_inputs=False)
+    assert tokenizer.decode(example.input_ids).startswith("system: You answer yes or no.\nuser: ")
+    replies = [turn["value"] for turn in conversation["conversations"][1::2]]
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX]) == "".join(f" {r}\n" for r in replies)
+
+
+def test_a_malformed_chat_template_names_the_config_file(tmp_path, bpe_dir):
+    tokenizer_dir = with_chat_template(bpe_dir, tmp_path / "chat", [{"name": "tool_use", "template": "x"}])
+    with pytest.raises(TokenizerNotFound, match=f"{tokenizer_dir / 'tokenizer_config.json'}: chat_template must"):
+        load_tokenizer(tokenizer_dir)

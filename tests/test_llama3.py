@@ -1,8 +1,8 @@
 """The Llama-3 family end to end: a `tokenizer.json` byte-level BPE tokenizer with more than 65,536 ids (so uint32
 shards), a grouped-query-attention model with an untied head and rope_theta 500k, data prep, pruning (ppl and
-taylor), CPT resume parity on 2 ranks, export and evaluation. Nothing is fetched: the tokenizer is trained here on
-the shared SlimPajama sample, as Llama-3's is a BPE over web text, and padded with reserved special tokens as
-Llama-3's 128,256 ids are (a smaller pad keeps the tiny model's embedding cheap).
+taylor) through launch/prune.py, CPT resume parity on 2 ranks, export and evaluation. Nothing is fetched: the
+tokenizer is trained here on the shared SlimPajama sample, as Llama-3's is a BPE over web text, and padded with
+reserved special tokens as Llama-3's 128,256 ids are (a smaller pad keeps the tiny model's embedding cheap).
 """
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ from test_prune import skip_by_hooks
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shortened.config import PruneConfig, from_dict
 from shortened.data.prepare import PrepareConfig, prepare_shards
 from shortened.data.shards import PackedShards, read_header
 from shortened.eval.hf_tokenizer import hf_tokenizer
 from shortened.modeling import build_tiny_llama, save_with_tokenizer, tiny_llama3_config
-from shortened.prune.pruner import prune
 from shortened.tokenizer import load_tokenizer
 from shortened.train import checkpoint as ckpt
 from shortened.train.cli import export_main
@@ -34,6 +32,8 @@ from train_support import PRECISION, overrides, read_log, run_ok, same, warm
 
 pytestmark = pytest.mark.timeout(600)
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# Llama-3's chat tokens, at their places among its 256 added special tokens (the others are reserved ones).
+CHAT_TOKENS = {6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "<|eot_id|>"}
 VOCAB = 70_000  # > 65,536: token ids need uint32
 BPE_VOCAB = 3_000  # 256 bytes + ~2,700 merges: trains in about a second
 RESERVED = 256  # added special tokens, as Llama-3 has
@@ -44,7 +44,8 @@ STRAIGHT, HALF = 8, 4
 def train_llama3_like_tokenizer(texts: list[str], out: Path) -> Path:
     """Byte-level BPE laid out as Llama-3's: a base vocabulary (trained, then padded with entries no merge reaches,
     which keeps the padding as cheap to load as Llama-3's 128,000 base ids), then RESERVED added special tokens,
-    BOS and EOS first, so their ids exceed 65,535; the post-processor puts BOS in front, as Llama-3's does."""
+    BOS and EOS first and the chat tokens where Llama-3 has them, so their ids exceed 65,535; the post-processor
+    puts BOS in front, as Llama-3's does."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator(texts, trainers.BpeTrainer(
@@ -54,7 +55,9 @@ def train_llama3_like_tokenizer(texts: list[str], out: Path) -> Path:
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), VOCAB - RESERVED)})
     tok = Tokenizer.from_str(json.dumps(data))
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([BOS, EOS, *(f"<|reserved_special_token_{i}|>" for i in range(RESERVED - 2))])
+    reserved = iter(range(RESERVED))
+    named = {0: BOS, 1: EOS, **CHAT_TOKENS}
+    tok.add_special_tokens([named.get(i) or f"<|reserved_special_token_{next(reserved)}|>" for i in range(RESERVED)])
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, tok.token_to_id(BOS))])
     out.mkdir(parents=True)
@@ -102,14 +105,17 @@ def model_dir(work, tokenizer_dir, reference) -> Path:
 
 @pytest.fixture(scope="module")
 def pruned(work, model_dir, slimpajama_sample) -> dict[str, Path]:
-    """The model pruned by ppl and by taylor, 2 of 4 blocks, calibrated on the validation split (4 x 32 tokens:
-    every calibration forward computes 70,000 logits a token)."""
+    """The model pruned by ppl and by taylor through `launch/prune.py`, as users prune, 2 of 4 blocks, calibrated on
+    the validation split (4 x 32 tokens: every calibration forward computes 70,000 logits a token)."""
     outs = {}
     for criterion in ("ppl", "taylor"):
         outs[criterion] = work / f"pruned_{criterion}"
-        prune(from_dict(PruneConfig, dict(model=str(model_dir), out=str(outs[criterion]), criterion=criterion,
-                                          calib=str(slimpajama_sample / "validation"), calib_samples=4,
-                                          calib_len=32, remove=2, protect_first=0, protect_last=0)))
+        out = warm_start.run([ROOT / "launch/prune.py", "--model", model_dir, "--out", outs[criterion],
+                              "--criterion", criterion, "--calib", slimpajama_sample / "validation",
+                              "--calib-samples", "4", "--calib-len", "32", "--remove", "2", "--no-protect"],
+                             env=subprocess_env(), timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.splitlines()[-1])["num_blocks_after"] == 2
     return outs
 
 
