@@ -1,6 +1,6 @@
 """The main job end to end on this CPU box, as the real commands a cluster user runs, at small sizes.
 
-    python launch/demo.py [--quick] [--out demo_out]
+    python launch/demo.py [--quick] [--cpt-lora] [--out demo_out]
 
 1. prepare the shared SlimPajama sample (train and validation) as token shards with the real LLaMA tokenizer;
 2. make a small Llama "source" model and pretrain it briefly on the sample, so that pruning has signal
@@ -9,7 +9,10 @@
 4. continue pretraining the pruned model with DeepSpeed ZeRO-2 on 2 CPU ranks, checkpointing and evaluating
    inline (validation loss, WikiText-2/PTB perplexity, the seven zero-shot tasks on local data), twice from the
    same start with the same tokens: plain, and distilled from the unpruned source model (distill.teacher);
-5. draw curves.png (both runs, the source model as a dashed reference) and print a summary table.
+5. with --cpt-lora, the v2 paper's CPT => LoRA: export the plain CPT run's last checkpoint as a Hugging Face model,
+   instruction-tune it with LoRA on conversations (BoolQ and PIQA rows the evaluation does not read), merge, and
+   evaluate the merged model on the same tasks (off by default: it adds about 2 minutes to the full demo);
+6. draw curves.png (both runs, the source model as a dashed reference) and print a summary table.
 Every step is skipped when its output is already there (a training run that was stopped resumes from its newest
 checkpoint), so a second run finishes quickly; each step prints the seconds it took.
 """
@@ -50,18 +53,21 @@ class Sizes:
     eval_every: int  # steps between inline evaluations
     eval_limit: int  # rows per zero-shot task, windows per perplexity set, sequences of validation loss
     tasks: tuple[str, ...]
+    lora_examples: int  # conversations of the CPT => LoRA step (2 epochs, batch 8)
 
 
 # A fresh clone's `make demo` (venv included) must finish in 20 minutes on 2 cores: both CPT runs get the same budget.
 FULL = Sizes(layers=8, hidden=128, remove=2, seq_len=128, pretrain_steps=200, cpt_steps=120, eval_every=40,
-             eval_limit=50, tasks=(*ZERO_SHOT, "wikitext2", "ptb"))
+             eval_limit=50, tasks=(*ZERO_SHOT, "wikitext2", "ptb"), lora_examples=64)
 QUICK = Sizes(layers=4, hidden=64, remove=1, seq_len=64, pretrain_steps=30, cpt_steps=16, eval_every=8,
-              eval_limit=8, tasks=("piqa", "arc_easy", "wikitext2"))
+              eval_limit=8, tasks=("piqa", "arc_easy", "wikitext2"), lora_examples=16)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the variant `make test` runs)")
+    parser.add_argument("--cpt-lora", action="store_true",
+                        help="also CPT => LoRA: the CPT model instruction-tuned with LoRA, merged and evaluated")
     parser.add_argument("--out", default=str(ROOT / "demo_out"), help="where every artifact goes")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -104,11 +110,13 @@ def main() -> int:
                        f"distill.teacher={source}"),
          done=finished(runs["pruned + CPT + KD"], sizes.cpt_steps))
 
+    tuned = cpt_then_lora(out, runs["pruned + CPT"], sizes, shards["validation"]) if args.cpt_lora else {}
+
     labels = [part for label in runs for part in ("--label", label)]
     step("draw the curves", [sys.executable, "launch/plot_curves.py", *runs.values(), *labels, "--reference",
                              source_eval, "--reference-label", f"source ({sizes.layers} blocks, unpruned)",
                              "--output", out / "curves.png"])
-    print_summary(out, source, pruned, runs, source_eval, sizes)
+    print_summary(out, source, pruned, runs, source_eval, sizes, tuned)
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return 0
 
@@ -127,6 +135,51 @@ def make_source_model(out: Path, sizes: Sizes, train_shards: Path) -> Path:
          [sys.executable, "launch/export_hf.py", "--checkpoint", last, "--out", source],
          done=source / "config.json")
     return source
+
+
+def cpt_then_lora(out: Path, cpt_run: Path, sizes: Sizes, validation_shards: Path) -> dict[str, tuple[Path, Path]]:
+    """The chain of docs/pruning.md, "CPT, then LoRA": {column label: (the merged model, its evaluation file)}."""
+    exported, chats, lora, result = out / "cpt_hf", out / "chats.jsonl", out / "cpt_lora", out / "cpt_lora_eval.json"
+    step("export the plain CPT run's last checkpoint as a Hugging Face model",
+         [sys.executable, "launch/export_hf.py", "--checkpoint", finished(cpt_run, sizes.cpt_steps).parent,
+          "--out", exported], done=exported / "config.json")
+    print(f"\n==> instruction data: {sizes.lora_examples} conversations from BoolQ and PIQA validation rows after "
+          f"the first {sizes.eval_limit} (the ones the evaluation reads): {short(chats)}")
+    if chats.exists():
+        print(f"  already done: {short(chats)}")
+    else:
+        write_conversations(chats, sizes.lora_examples, skip=sizes.eval_limit)
+    batch = 8
+    steps = 2 * -(-sizes.lora_examples // batch)
+    step(f"instruction-tune it with LoRA (the v2 paper's CPT => LoRA): {steps} steps, then merge",
+         [sys.executable, "launch/lora.py", "--model", exported, "--data", chats, "--out", lora, "--epochs", 2,
+          "--micro-batch-size", 4, "--grad-accum", batch // 4, "--lr", "1e-3", "--warmup-steps", 1,
+          "--cutoff-len", 2 * sizes.seq_len, "--device", "cpu", "--dtype", "float32"],
+         done=lora / "merged" / "config.json")
+    # The merge writes fp16, which CPU matmuls would emulate: evaluated in fp32, as the other models are here.
+    step("evaluate the merged model on the same tasks",
+         [sys.executable, "launch/evaluate.py", "--model", lora / "merged", "--data-dir", EVAL_DATA,
+          "--tasks", ",".join(sizes.tasks), "--limit", sizes.eval_limit, "--validation-shards", validation_shards,
+          "--device", "cpu", "--dtype", "float32", "--output", result],
+         done=result)
+    return {f"pruned + CPT + LoRA ({steps} steps)": (lora / "merged", result)}
+
+
+def write_conversations(path: Path, count: int, skip: int) -> None:
+    """Vicuna-style conversations: a BoolQ passage and question answered yes or no, a PIQA goal answered with its
+    right solution; half from each, `skip` rows in, so that none is a row the evaluation scores."""
+    def rows(task: str) -> list[dict]:
+        lines = (EVAL_DATA / task / "validation.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines[skip:skip + (count + 1) // 2]]
+
+    chats = [[f"{r['passage'][:300]}\nQuestion: {r['question']}?", "Yes." if r["label"] else "No."]
+             for r in rows("boolq")]
+    chats += [[f"How would you do this? {r['goal']}", r["sol1"] if r["label"] == 0 else r["sol2"]]
+              for r in rows("piqa")]
+    with path.open("w") as handle:
+        for question, answer in chats[:count]:
+            turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+            handle.write(json.dumps({"conversations": turns}) + "\n")
 
 
 def finished(run_dir: Path, steps: int) -> Path:
@@ -177,8 +230,9 @@ def step(title: str, cmd: list, done: Path | None = None) -> None:
 
 
 def print_summary(out: Path, source: Path, pruned: Path, runs: dict[str, Path], source_eval: Path,
-                  sizes: Sizes) -> None:
-    """One row per task: the source model, the pruned model before training (step 0), and each run's last point."""
+                  sizes: Sizes, tuned: dict[str, tuple[Path, Path]]) -> None:
+    """One row per task: the source model, the pruned model before training (step 0), each run's last point, and
+    each model of `tuned` ({label: (model, its launch/evaluate.py output)})."""
     ok = {label: [r for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())
                   if r["status"] == "ok" and r.get("primary", True)] for label, run in runs.items()}
 
@@ -187,14 +241,18 @@ def print_summary(out: Path, source: Path, pruned: Path, runs: dict[str, Path], 
 
     plain = next(iter(ok.values()))
     metric_of = {r["task"]: r["metric"] for r in plain}  # the metric the paper reports for each task
-    source_metrics = json.loads(source_eval.read_text())
     report = json.loads((pruned / "prune_report.json").read_text())
     kept = sizes.layers - len(report["removed_blocks"])
-    columns = {f"source ({sizes.layers} blocks)": {t: source_metrics.get(t, {}).get(m) for t, m in metric_of.items()},
+    def evaluated(result: Path) -> dict[str, float | None]:
+        metrics = json.loads(result.read_text())
+        return {t: metrics.get(t, {}).get(m) for t, m in metric_of.items()}
+
+    columns = {f"source ({sizes.layers} blocks)": evaluated(source_eval),
                f"pruned ({kept})": at(plain, min(r["step"] for r in plain))}
     for label, rows in ok.items():
         last = max(r["step"] for r in rows)
         columns[f"{label} ({last} steps)"] = at(rows, last)
+    columns.update({label: evaluated(result) for label, (_, result) in tuned.items()})
     width = max(map(len, columns)) + 2
     print(f"\n{'task':<16}{'metric':<10}" + "".join(f"{c:>{width}}" for c in columns))
     for task in sorted(metric_of):
@@ -205,6 +263,8 @@ def print_summary(out: Path, source: Path, pruned: Path, runs: dict[str, Path], 
     print("artifacts:")
     artifacts = [("token shards", out / "shards"), ("source model", source), ("pruned model + report", pruned),
                  *((f"{label} run (train_log.jsonl, results.jsonl)", run) for label, run in runs.items()),
+                 *((f"{label}: {what}", path) for label, paths in tuned.items()
+                   for what, path in zip(("merged model", "its evaluation"), paths)),
                  ("curves", out / "curves.png")]
     for what, path in artifacts:
         print(f"  {what:<56} {path}")
