@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",  # the pruned / exported model format
     "accelerate==1.15.0",  # needed by peft and lm-eval's HF model wrapper
     "psutil==7.2.2",  # peak-RSS and memory figures in logs and benchmarks
+    "jinja2==3.1.6",  # chat templates of tokenizer.json models (transformers renders them and refuses older)
 ]
 
 EXTRAS = {
