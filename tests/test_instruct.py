@@ -5,6 +5,7 @@ templates that cannot be split into turns named by file, record and field."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -225,3 +226,17 @@ def test_a_malformed_chat_template_names_the_config_file(tmp_path, bpe_dir):
     tokenizer_dir = with_chat_template(bpe_dir, tmp_path / "chat", [{"name": "tool_use", "template": "x"}])
     with pytest.raises(TokenizerNotFound, match=f"{tokenizer_dir / 'tokenizer_config.json'}: chat_template must"):
         load_tokenizer(tokenizer_dir)
+
+
+def test_the_lora_trainer_names_the_data_file_and_the_record_a_template_cannot_split(tmp_path, bpe_dir,
+                                                                                      conversation):
+    from shortened.config import LoraTrainConfig
+    from shortened.prune.lora import encoded
+
+    tokenizer_dir = with_chat_template(bpe_dir, tmp_path / "chat", "{{ messages | length }} messages\n" + GENERIC)
+    data = tmp_path / "chats.jsonl"
+    config = LoraTrainConfig(model=str(tokenizer_dir), data=str(data), out=str(tmp_path / "out"))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    with pytest.raises(ConversationError, match=rf"^{re.escape(str(data))}: record 3: "
+                                                rf"{re.escape(str(tokenizer_dir / 'tokenizer_config.json'))}: "):
+        encoded(config, tokenizer, 3, chat(conversation))

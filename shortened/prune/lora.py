@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from shortened.config import LoraTrainConfig, save_config, to_dict
 from shortened.fsutil import truncate_log
+from shortened.prune.conversation import ConversationError
 from shortened.prune.errors import PruneInputError
 from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dtype, resolve_model_dir, save_model_dir
 from shortened.prune.instruct import IGNORE_INDEX, Example, collate, encode_example, read_alpaca
 from shortened.prune.lora_checkpoint import complete_checkpoints, load_checkpoint, remove_leftovers, save_checkpoint
-from shortened.tokenizer import load_tokenizer
+from shortened.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # peft is imported when training starts
     from peft import PeftModel
@@ -82,6 +83,15 @@ def lr_at(step: int, config: LoraTrainConfig, total_steps: int) -> float:
     return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - config.warmup_steps))
 
 
+def encoded(config: LoraTrainConfig, tokenizer: Tokenizer, number: int, record: dict[str, Any]) -> Example:
+    """One record's ids and labels; an error of its encoding (a chat template that cannot be split into turns)
+    names the data file and the record, as the reader's errors do."""
+    try:
+        return encode_example(record, tokenizer, config.cutoff_len, config.train_on_inputs)
+    except ConversationError as err:
+        raise ConversationError(f"{config.data}: record {number}: {err}") from None
+
+
 def train_lora(config: LoraTrainConfig) -> Path:
     """Train (or resume) the LoRA run in `config.out`, then merge; returns the merged model directory."""
     import peft
@@ -90,8 +100,7 @@ def train_lora(config: LoraTrainConfig) -> Path:
     model_dir = resolve_model_dir(config.model)
     tokenizer_source = Path(config.tokenizer) if config.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_source)
-    examples = [encode_example(r, tokenizer, config.cutoff_len, config.train_on_inputs)
-                for r in read_alpaca(config.data)]
+    examples = [encoded(config, tokenizer, number, record) for number, record in enumerate(read_alpaca(config.data))]
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 
