@@ -217,7 +217,11 @@ def step(title: str, cmd: list, done: Path | None = None) -> None:
     if done is not None and done.exists():
         print(f"  already done: {short(done)}")
         return
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # The venv's tools first, as `make` puts them: DeepSpeed builds its CPU ops with whichever ninja PATH finds, and a
+    # system ninja of another version rebuilds (~80 s) what the venv's built, each time the two alternate.
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")])}
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     if cmd[0] == "deepspeed":
