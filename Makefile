@@ -51,8 +51,10 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy shortened
 
+# Its variants: make demo DEMO_ARGS=--cpt-lora (or --quick, --out DIR).
+DEMO_ARGS ?=
 demo: setup
-	$(PY) launch/demo.py
+	$(PY) launch/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache
