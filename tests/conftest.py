@@ -32,19 +32,13 @@ from prune_fixtures import model_dir, windows  # noqa: E402, F401
 
 # The longest files first (seconds measured in one `make test` on 2 cores): `make test` hands whole files to its two
 # workers in this order (xdist's --no-loadscope-reorder; by default it sorts files by their number of tests, which
-# put the one-test demo last, running alone for minutes while the other core idled). Each worker holds two files at a
-# time, the 1st and 3rd and the 2nd and 4th to start with. In a fresh clone the first DeepSpeed job compiles the CPU
-# comm op (~100 s, one core) and every other DeepSpeed job waits on its build lock, so the files right after
-# test_train_dist start no DeepSpeed job: the other worker runs them meanwhile instead of waiting (in the clone's
-# profile the first DeepSpeed test of each worker took ~120 s instead of ~30).
-LONGEST_FIRST = ("test_train_dist.py",  # ~330 s; its reference run builds the comm op
-                 "test_prune.py", "test_eval_zero_shot.py", "test_eval_dist.py",  # no DeepSpeed, 45-70 s each
-                 "test_prune_efficiency.py",  # no DeepSpeed, ~30
-                 "test_preemption.py",  # ~300
-                 "test_demo.py",  # ~260
-                 "test_lora.py", "test_eval_watch.py",  # 45-70
-                 "test_mixture.py", "test_llama3.py", "test_dynamic.py",  # ~55-70
-                 "test_train_distill.py", "test_multinode.py")  # 35-50
+# put the one-test demo last, running alone for minutes while the other core idled).
+LONGEST_FIRST = ("test_train_dist.py",  # ~450 s
+                 "test_preemption.py",  # ~400
+                 "test_demo.py",  # ~300
+                 "test_lora.py", "test_prune.py", "test_eval_watch.py", "test_eval_dist.py",  # 45-70
+                 "test_mixture.py", "test_llama3.py", "test_dynamic.py",  # ~60-110 on a loaded box
+                 "test_train_distill.py", "test_multinode.py", "test_eval_zero_shot.py")  # 35-45
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
