@@ -75,6 +75,7 @@ def main() -> int:
     for name, run_dir in run_dirs.items():
         train(name, run_dir, pruned, source, shards, seq_len, args)
     sizes = source_sizes(shards["train"])
+    from shortened.train.plan import natural_mixture  # the weights dynamic loading starts from
     figures: dict[str, Any] = {"steps": args.steps, "every": args.every, "seq_len": seq_len,
                                "update_sequences": args.update_sequences, "eval_sequences": args.eval_sequences}
     figures["reference"] = domain_losses(source, shards["validation"], args.eval_sequences)
@@ -82,7 +83,7 @@ def main() -> int:
                                args.eval_sequences)
     last_weights = read_log(run_dirs["dynamic"])[-1]["domain_weights"]
     figures["dynamic_final_weights"] = last_weights
-    figures["natural_weights"] = {source: size / sum(sizes.values()) for source, size in sizes.items()}
+    figures["natural_weights"] = natural_mixture(sizes)
     figures["global_read"] = read_shares(run_dirs["global"])
     figures["loader"] = loader_rates(shards["train"], last_weights, args.repeats, args.loader_steps)
     report(figures)

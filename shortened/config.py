@@ -657,6 +657,19 @@ def yaml_value(value: Any) -> str:
     return text.removesuffix("...").strip()  # a bare scalar document ends with an explicit end marker
 
 
+MISSING = object()  # dotted_value: no such key
+
+
+def dotted_value(tree: dict[str, Any], key: str) -> Any:
+    """The value at dotted `key` (a.b.c) of a nested dict, or MISSING where the path ends early."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
 def _leaf_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
     for key, value in data.items():
         if isinstance(value, dict) and value:

@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shortened.config import ConfigError, RunConfig
+from shortened.config import MISSING, ConfigError, RunConfig, dotted_value
 
 SUPPORTED_ZERO_STAGES = (1, 2)
 FORBIDDEN = ("scheduler", "fp16")  # sections that would fight the trainer's own LR schedule and bf16 setup
-_MISSING = object()
 # Which typed-config field owns each derived DeepSpeed key (named in the error when a file disagrees).
 OWNERS = {
     "train_batch_size": "train.global_batch_size",
@@ -95,8 +94,8 @@ def build_deepspeed_config(config: RunConfig, world_size: int, *, on_cuda: bool,
         key = forbidden[0]
         raise ConfigError(f"{source}: {key!r} must not be set here; it belongs to {OWNERS[key]}")
     for dotted, value in _leaves(derived):
-        given = _lookup(base, dotted)
-        if given is not _MISSING and given != "auto" and given != value:
+        given = dotted_value(base, dotted)
+        if given is not MISSING and given != "auto" and given != value:
             owner = OWNERS[dotted.split(".")[0]]
             raise ConfigError(
                 f"{source}: {dotted}={given!r} disagrees with the run config ({value!r}, from {owner}); "
@@ -119,15 +118,6 @@ def _leaves(tree: dict[str, Any], prefix: str = ""):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
 
 
 def _merge(given: Any, value: Any) -> Any:

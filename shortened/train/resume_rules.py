@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shortened.config import RunConfig, config_keys
+from shortened.config import MISSING, RunConfig, config_keys, dotted_value
 
 
 @dataclass(frozen=True)
@@ -92,22 +92,10 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
     a change; one it holds as null is (data.mixture unset, then set)."""
     changes = {}
     for key in (doc.key for doc in config_keys(RunConfig)):
-        old_value, new_value = _lookup(old, key), _lookup(new, key)
-        if old_value is not _ABSENT and not _same(old_value, new_value):
-            changes[key] = (old_value, None if new_value is _ABSENT else new_value)
+        old_value, new_value = dotted_value(old, key), dotted_value(new, key)
+        if old_value is not MISSING and not _same(old_value, new_value):
+            changes[key] = (old_value, None if new_value is MISSING else new_value)
     return changes
-
-
-_ABSENT = object()
-
-
-def _lookup(config: dict[str, Any], key: str) -> Any:
-    value: Any = config
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return _ABSENT
-        value = value[part]
-    return value
 
 
 def _same(old: Any, new: Any) -> bool:
