@@ -49,7 +49,7 @@ def test_overrides_include_lm_evals_yaml_and_null_the_splits_the_mirror_lacks(tm
     obqa = yaml.safe_load((tmp_path / "openbookqa.yaml").read_text())
     assert obqa["include"].endswith("lm_eval/tasks/openbookqa/openbookqa.yaml")
     assert obqa["validation_split"] is None and obqa["training_split"] is None and "test_split" not in obqa
-    assert obqa["dataset_kwargs"] == {"data_files": {"test": str(EVAL_DATA / "openbookqa/test.jsonl")}}
+    assert obqa["dataset_kwargs"] == {"data_files": {"test": str((EVAL_DATA / "openbookqa/test.jsonl").resolve())}}
     boolq = yaml.safe_load((tmp_path / "boolq.yaml").read_text())
     assert "validation_split" not in boolq and boolq["training_split"] is None
 
