@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from shortened.config import EvalConfig
@@ -42,3 +43,7 @@ def dist_worker(out_dir: str, config_json: str, validation_path: str) -> None:
     rows = EvalSuite(config, TOKENIZER_MODEL, groups, validation_path).run(build_tiny_llama(seed=11, num_layers=2))
     Path(out_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(rows))
     dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # a rank of tests/test_eval_dist.py: OUT_DIR CONFIG_JSON VALIDATION_PATH
+    dist_worker(*sys.argv[1:])

@@ -1,9 +1,8 @@
-"""Evaluation sharded over 2 real gloo ranks: the single-process numbers; a rank-local failure stalls nothing."""
+"""Evaluation sharded over 2 real gloo ranks (forked warm, tests/warm_start.py): the single-process numbers; a
+rank-local failure stalls nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import yaml
 
@@ -13,6 +12,7 @@ from shortened.eval.suite import EvalSuite
 from shortened.modeling import build_tiny_llama
 
 from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, free_port, subprocess_env
+from warm_start import WarmGroup, WarmProcess
 
 TIMEOUT_S = 10
 
@@ -44,19 +44,16 @@ def test_two_ranks_match_one_and_survive_a_rank_local_failure(tmp_path, slimpaja
     prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="validation", tokenizer=str(TOKENIZER_MODEL),
                                  output=str(shards), seq_len=128, progress=False, verbose=False))
     port = str(free_port())
-    code = (f"from eval_support import dist_worker; "
-            f"dist_worker({str(tmp_path)!r}, {json.dumps(settings)!r}, {str(shards)!r})")
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "tests", stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=subprocess_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                                 PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"))
-             for r in range(2)]
+    argv = [ROOT / "tests" / "eval_support.py", tmp_path, json.dumps(settings), shards]
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    ranks = WarmGroup([WarmProcess(argv, subprocess_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                        MASTER_PORT=port), ROOT / "tests", logs[r])
+                       for r in range(2)])
     try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
+        code = ranks.wait(timeout=240)
     finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], logs[1][-3000:] + logs[0][-3000:]
+        ranks.kill()
+    assert code == 0, logs[1].read_text()[-3000:] + logs[0].read_text()[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
