@@ -26,11 +26,15 @@ TEST_THREADS ?= 1
 setup: $(VENV)/.installed
 
 # torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels on a CPU box.
+# Then DeepSpeed's CPU all-reduce op, the one op a CPU job JIT-compiles (on a CUDA machine there is none to build),
+# at install as DS_BUILD_OPS does rather than in the first job: there it took 25-100 s, and in a fresh clone the
+# first test ranks of both workers waited on its build lock.
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_PIN),$(PY) -m pip install --quiet $(TORCH_PIN))
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
 	touch $@
 
 test test-fast: export OMP_NUM_THREADS = $(TEST_THREADS)
