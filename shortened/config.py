@@ -265,6 +265,16 @@ class EvalConfig:
         _require(self.collective_timeout_s > 0, "eval.collective_timeout_s", "must be positive")
         _require(self.poll_s > 0, "eval.poll_s", "must be positive")
 
+    def is_inline_point(self, step: int, tokens: int, step_tokens: int) -> bool:
+        """Whether the trainer evaluates after the step that brought the run to `tokens` (from
+        `tokens - step_tokens`). A pure function of its arguments, so a resumed run evaluates at the same points as
+        an uninterrupted one."""
+        if self.mode != "inline":
+            return False
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_tokens) and tokens // self.every_tokens > (tokens - step_tokens) // self.every_tokens
+
 
 @dataclass
 class LogConfig:

@@ -150,19 +150,12 @@ def test_rng_and_mode_restored_even_when_everything_fails(tmp_path, tokenizer_mo
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
 
 
-def test_due_is_a_pure_function_of_the_step():
-    def evaluator(**kwargs):
-        e = InlineEvaluator.__new__(InlineEvaluator)
-        e.config = EvalConfig(mode="inline", data_dir="mirror", **kwargs)
-        return e
-
-    by_tokens = evaluator(every_tokens=1000)
-    assert [s for s in range(1, 12) if by_tokens.due(s, s * 300, 300)] == [4, 7, 10]  # 1200, 2100, 3000 tokens
-    by_steps = evaluator(every_steps=5)
-    assert [s for s in range(1, 12) if by_steps.due(s, s * 300, 300)] == [5, 10]
-    off = InlineEvaluator.__new__(InlineEvaluator)
-    off.config = EvalConfig(mode="watch", every_steps=1, data_dir="mirror")
-    assert not off.due(1, 300, 300)
+def test_the_evaluation_points_are_a_pure_function_of_the_step():
+    by_tokens = EvalConfig(mode="inline", data_dir="mirror", every_tokens=1000)
+    assert [s for s in range(1, 12) if by_tokens.is_inline_point(s, s * 300, 300)] == [4, 7, 10]  # 1200, 2100, 3000
+    by_steps = EvalConfig(mode="inline", data_dir="mirror", every_steps=5)
+    assert [s for s in range(1, 12) if by_steps.is_inline_point(s, s * 300, 300)] == [5, 10]
+    assert not EvalConfig(mode="watch", every_steps=1, data_dir="mirror").is_inline_point(1, 300, 300)
 
 
 def test_config_mistakes_stop_the_job_at_start_up(tmp_path, tokenizer_model):
@@ -183,12 +176,17 @@ def test_a_resume_evaluates_the_point_its_stopped_run_missed_and_only_that(tmp_p
     for step in range(4):  # the first run: step 0 and step 3 evaluated; then stopped after step 6's checkpoint
         run(model, step, step * STEP_TOKENS)
 
+    def hook() -> InlineEvaluation:
+        return InlineEvaluation(RunConfig(train=TrainConfig(max_steps=STEPS), eval=config))
+
     def resume_at(step: int) -> list[int]:
-        hook = InlineEvaluation(RunConfig(train=TrainConfig(max_steps=STEPS), eval=config))
-        call_hooks([hook], "before_training", hook_context(model, step, run_dir, tokenizer_model))
+        call_hooks([hook()], "before_training", hook_context(model, step, run_dir, tokenizer_model))
         return sorted({r["step"] for r in read_results(run_dir / "results.jsonl") if r["task"] == "piqa"})
 
+    # asked before the engine is built (a run resumed at its last step builds one only for this)
+    assert [s for s in range(7) if hook().missed_at_resume(s, s * STEP_TOKENS, STEP_TOKENS, run_dir, 0)] == [6]
     assert resume_at(6) == [0, 3, 6]  # the missed point, evaluated on resume
+    assert not hook().missed_at_resume(6, 6 * STEP_TOKENS, STEP_TOKENS, run_dir, 0)
     assert resume_at(6) == [0, 3, 6]  # stopped again before step 7: not evaluated twice
     assert resume_at(3) == [0, 3, 6]  # has its rows
     assert resume_at(4) == [0, 3, 6]  # no evaluation point

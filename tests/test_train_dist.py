@@ -476,18 +476,24 @@ def test_inline_evaluation_keeps_the_loss_trace_and_survives_a_failing_task(ref_
     assert "wikitext2: 100%" in (run_dir / "logs" / "eval_rank0.log").read_text()
     assert (run_dir / "logs" / "eval_rank1.log").is_file()  # every rank's scorer output has its file
 
-    # Stopped during the evaluation at step 8, after step 8's checkpoint: its rows are lost. The resumed job
-    # evaluates step 8 first (rank 0 finds the rows missing, both ranks evaluate), the same rows, then trains on.
+    # Stopped during the evaluation at step 8, the last step, after its checkpoint: its rows are lost, and the run
+    # has nothing left to train. The same command again evaluates step 8 (rank 0 finds the rows missing, both ranks
+    # build the engine from the checkpoint and evaluate), the same rows, and trains nothing.
     lines = (run_dir / "results.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "results.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] != 8))
-    output = run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF + 1}",
-                                      *inline), work / "inline_resume.out"))
+    output = run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}", *inline),
+                         work / "inline_resume.out"))
     assert "the evaluation at step 8 has no rows" in output and output.count("hook: evaluation at step 8 ") == 1
+    assert "nothing to train" not in output
     again = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in again}) == [0, 4, 8] and len(again) == len(rows)
     assert next(r for r in again if (r["step"], r["task"]) == (8, "wikitext2"))["value"] == \
         by[(8, "wikitext2", "ppl")]["value"]
-    assert [r["step"] for r in read_log(run_dir)] == list(range(1, HALF + 2))
+    assert [r["step"] for r in read_log(run_dir)] == list(range(1, HALF + 1))
+    # with its rows there, the same command again finds nothing to do and builds no engine
+    output = run_ok(warm(2, overrides(run_dir, train_shards_64, tiny_init_model, f"train.max_steps={HALF}", *inline),
+                         work / "inline_again.out"))
+    assert "nothing to train" in output and "evaluation at step" not in output
 
 
 # --------------------------------------------------------------------------------------------------- streamed raw input

@@ -3,7 +3,7 @@
     evaluator = InlineEvaluator(config.eval, run_dir, tokenizer_file,      # on every rank, same point
                                 validation_path=config.data.validation_path)
     ...
-    if evaluator.due(step, tokens, tokens_per_step):
+    if config.eval.is_inline_point(step, tokens, tokens_per_step):
         evaluator(engine.module, step, tokens)                            # on every rank
 
 Every rank calls it (the work is sharded over the data-parallel ranks when torch.distributed is initialized);
@@ -47,18 +47,6 @@ class InlineEvaluator:
     @property
     def results_path(self) -> Path:
         return self.run_dir / RESULTS_FILE
-
-    def due(self, step: int, tokens: int, step_tokens: int) -> bool:
-        """Whether the step that brought the run to `tokens` (from `tokens - step_tokens`) is an evaluation point.
-
-        A pure function of its arguments, so a resumed run evaluates at the same points as an uninterrupted one.
-        """
-        if self.config.mode != "inline":
-            return False
-        if self.config.every_steps and step % self.config.every_steps == 0:
-            return True
-        every = self.config.every_tokens
-        return bool(every) and tokens // every > (tokens - step_tokens) // every
 
     def __call__(self, model: torch.nn.Module, step: int, tokens: int,
                  checkpoint: str | None = None) -> list[dict[str, Any]]:

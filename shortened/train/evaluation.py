@@ -8,12 +8,13 @@ complete checkpoints from another process, GPU or node and costs the training jo
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from shortened.config import ConfigError, RunConfig
-from shortened.eval.results import read_results
+from shortened.eval.results import RESULTS_FILE, read_results
 from shortened.train.distributed import broadcast_object
 from shortened.train.hooks import StepContext, TrainerHook
 
@@ -40,27 +41,28 @@ class InlineEvaluation(TrainerHook):
         # Collective, and a bad task name raises here: before any compute is spent on training.
         self.evaluator = InlineEvaluator(self.config.eval, ctx.run_dir, ctx.tokenizer_file,
                                          validation_path=self.config.data.validation_path)
-        if ctx.step == 0 or self._missed_at_resume(ctx):
-            self.evaluator(ctx.model, ctx.step, ctx.tokens)
-
-    def _missed_at_resume(self, ctx: StepContext) -> bool:
-        """Whether the checkpoint this run resumes from was an evaluation point that has no rows: the job stopped
-        after saving it, while that evaluation ran (a preemption, a kill). The weights are the step's own, so
-        evaluating now gives the rows it would have written; without this the point would be silently lost."""
-        assert self.evaluator is not None
-        if not self.evaluator.due(ctx.step, ctx.tokens, ctx.step_tokens):
-            return False
-        missing = ctx.rank == 0 and not any(row.get("step") == ctx.step and row.get("source") == "inline"
-                                            for row in read_results(self.evaluator.results_path))
-        if dist.is_initialized():  # rank 0 reads results.jsonl; every rank must take the same branch
-            missing = bool(broadcast_object(missing))
-        if missing and ctx.rank == 0:
+        missed = ctx.step > 0 and self.missed_at_resume(ctx.step, ctx.tokens, ctx.step_tokens, ctx.run_dir, ctx.rank)
+        if missed and ctx.rank == 0:
             log.warning("the evaluation at step %d has no rows in %s (the job stopped while it ran): evaluating it "
                         "now", ctx.step, self.evaluator.results_path)
+        if ctx.step == 0 or missed:
+            self.evaluator(ctx.model, ctx.step, ctx.tokens)
+
+    def missed_at_resume(self, step: int, tokens: int, step_tokens: int, run_dir: Path, rank: int) -> bool:
+        """Whether the checkpoint this run resumes from was an evaluation point that has no rows: the job stopped
+        after saving it, while that evaluation ran (a preemption, a kill). The weights are the step's own, so
+        evaluating now gives the rows it would have written; without this the point would be silently lost (the
+        last one too: the trainer builds the engine of a run with nothing left to train for it). Collective."""
+        if not self.config.eval.is_inline_point(step, tokens, step_tokens):
+            return False
+        missing = rank == 0 and not any(row.get("step") == step and row.get("source") == "inline"
+                                        for row in read_results(run_dir / RESULTS_FILE))
+        if dist.is_initialized():  # rank 0 reads results.jsonl; every rank must take the same branch
+            missing = bool(broadcast_object(missing))
         return missing
 
     def after_step(self, ctx: StepContext) -> None:
-        if self.evaluator is not None and self.evaluator.due(ctx.step, ctx.tokens, ctx.step_tokens):
+        if self.evaluator is not None and self.config.eval.is_inline_point(ctx.step, ctx.tokens, ctx.step_tokens):
             self.evaluator(ctx.model, ctx.step, ctx.tokens)
 
 

@@ -6,6 +6,11 @@ A hook is a `TrainerHook` (or any object with some of its methods):
                                         the place for collective set-up and for failing fast on bad settings
     after_step(ctx: StepContext)        every optimizer step, once the step's line is logged
     after_checkpoint(ctx: StepContext)  after a checkpoint is complete (its complete.json exists), ctx.checkpoint set
+    missed_at_resume(step, tokens, step_tokens, run_dir, rank) -> bool
+                                        whether the hook's work at the step a run resumes from was lost (its job
+                                        stopped during an evaluation): before_training then does it. Asked before
+                                        the engine is built, so a run with nothing left to train still builds it
+                                        when a hook says yes
 
 They are called on every rank at the same point, so a hook may use collectives (shard work over ranks).
 `ctx.model` is the Hugging Face model the engine trains, whole on every rank under ZeRO-1/2. The loop runs
@@ -57,6 +62,17 @@ class TrainerHook:
 
     def after_checkpoint(self, ctx: StepContext) -> None:
         pass
+
+    def missed_at_resume(self, step: int, tokens: int, step_tokens: int, run_dir: Path, rank: int) -> bool:
+        return False
+
+
+def missed_at_resume(hooks: Sequence[TrainerHook], step: int, tokens: int, step_tokens: int, run_dir: Path,
+                      rank: int) -> bool:
+    """Whether any hook lost work at the step a run resumes from (collective: every hook is asked)."""
+    answers = [fn(step, tokens, step_tokens, run_dir, rank) for hook in hooks
+               if (fn := getattr(hook, "missed_at_resume", None)) is not None]
+    return any(answers)
 
 
 def call_hooks(hooks: Sequence[TrainerHook], method: HookPoint, ctx: StepContext) -> None:

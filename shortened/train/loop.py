@@ -40,7 +40,7 @@ from shortened.train.ds_config import build_deepspeed_config
 from shortened.train.dynamic import DynamicLoading, describe, start_dynamic
 from shortened.train.engine import apply_optim_settings, build_engine, cpu_has_bf16_kernels, load_model
 from shortened.train.failpoints import failpoint
-from shortened.train.hooks import StepContext, TrainerHook, call_hooks
+from shortened.train.hooks import StepContext, TrainerHook, call_hooks, missed_at_resume
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
 from shortened.train.objective import DistillationObjective, NextTokenObjective, Objective
 from shortened.train.plan import RunPlan, plan_run, training_state
@@ -72,7 +72,9 @@ def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
     env = setup_distributed(config.train.dist_timeout_s)
     try:
         plan = plan_run(config, env)
-        if plan.start_step >= plan.budget.stop_step:
+        if plan.start_step >= plan.budget.stop_step and not missed_at_resume(
+                hooks, plan.start_step, plan.consumed_samples * plan.identity.seq_len, plan.budget.tokens_per_step,
+                plan.run_dir, env.rank):
             log.info("step %d already reaches the stop at step %d: nothing to train", plan.start_step,
                      plan.budget.stop_step)
             return TrainResult(plan.start_step, plan.consumed_samples * plan.identity.seq_len, "done",
