@@ -4,11 +4,12 @@ Models are plain Hugging Face `transformers` Llama models; nothing here forks th
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from shortened.tokenizer import copy_tokenizer
 
 LLAMA_VOCAB_SIZE = 32_000  # the LLaMA / Vicuna SentencePiece vocabulary
 
@@ -118,28 +119,10 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     return 6 * matmul_params + attention
 
 
-# What a `tokenizer.json` needs beside it: our tokenizer and AutoTokenizer read bos/eos from tokenizer_config.json.
-JSON_TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
-
-
 def save_with_tokenizer(model: PreTrainedModel, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
-    """`save_pretrained` (safetensors) plus the tokenizer beside it: a SentencePiece `tokenizer.model`, or a
-    `tokenizer.json` with the sidecar files of its directory (Llama-3 style)."""
+    """`save_pretrained` (safetensors) plus the tokenizer beside it (`copy_tokenizer`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     copy_tokenizer(tokenizer_file, out)
     return out
-
-
-def copy_tokenizer(tokenizer_file: str | Path, out_dir: Path) -> None:
-    """The tokenizer into `out_dir` under its canonical name: `tokenizer.model` (SentencePiece), or `tokenizer.json`
-    with the sidecar files of its directory. Models, checkpoints and exports all hold it this way."""
-    tokenizer_file = Path(tokenizer_file)
-    if tokenizer_file.suffix != ".json":
-        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.model")
-        return
-    shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
-    for name in JSON_TOKENIZER_SIDECARS:
-        if (tokenizer_file.parent / name).is_file():
-            shutil.copyfile(tokenizer_file.parent / name, out_dir / name)

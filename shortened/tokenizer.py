@@ -5,16 +5,44 @@ Vicuna was trained on SentencePiece's ids. The Hugging Face fast tokenizer built
 documents of the shared SlimPajama sample) and is also slower here (1.8 vs 2.8 MB/s on one core), so a
 `tokenizer.model` is always encoded by SentencePiece itself. A directory with only `tokenizer.json`
 (LLaMA-3 style models) is encoded by the `tokenizers` library, which is that model's reference; its
-`tokenizer_config.json` gives BOS/EOS and, for chat models, the `chat_template` conversations are rendered with.
+`tokenizer_config.json` gives BOS/EOS and, for chat models, the chat template conversations are rendered with
+(`chat_template.jinja`, where transformers' save_pretrained writes it, else the config's `chat_template`).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from shortened.fsutil import file_sha256
+
+# The files beside a tokenizer that its model's users read: special tokens (ours and AutoTokenizer), and the chat
+# template, which transformers' save_pretrained writes to chat_template.jinja (named extra templates to
+# additional_chat_templates/) and no longer into tokenizer_config.json. Every copy of a tokenizer carries them all.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", CHAT_TEMPLATE_FILE)
+
+
+def copy_tokenizer_sidecars(source_dir: Path, out_dir: Path) -> None:
+    """The sidecar files (and the named chat templates' folder) of `source_dir` that exist, into `out_dir`."""
+    for name in TOKENIZER_SIDECARS:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)
+    if (source_dir / CHAT_TEMPLATE_DIR).is_dir():
+        shutil.copytree(source_dir / CHAT_TEMPLATE_DIR, out_dir / CHAT_TEMPLATE_DIR, dirs_exist_ok=True)
+
+
+def copy_tokenizer(tokenizer_file: str | Path, out_dir: Path) -> None:
+    """The tokenizer into `out_dir` under its canonical name, `tokenizer.model` (SentencePiece) or `tokenizer.json`,
+    with the sidecar files of its directory (special tokens, chat template). Models, checkpoints and exports all
+    hold it this way."""
+    tokenizer_file = Path(tokenizer_file)
+    shutil.copyfile(tokenizer_file, out_dir / ("tokenizer.json" if tokenizer_file.suffix == ".json"
+                                               else "tokenizer.model"))
+    copy_tokenizer_sidecars(tokenizer_file.parent, out_dir)
 
 
 class TokenizerNotFound(FileNotFoundError):
@@ -63,7 +91,7 @@ class SentencePieceTokenizer(Tokenizer):
 class ChatTemplate:
     """A Hugging Face chat template (jinja) and the special-token strings it may read (`bos_token`, ...)."""
 
-    source: Path  # the tokenizer_config.json that holds it, for error messages
+    source: Path  # the chat_template.jinja or tokenizer_config.json that holds it, for error messages
     template: str
     special_tokens: dict[str, str]
 
@@ -127,8 +155,12 @@ def _special_ids(directory: Path, config: dict[str, Any], tok) -> tuple[int, int
 
 
 def _chat_template(config_file: Path, config: dict[str, Any]) -> ChatTemplate | None:
-    """The config's `chat_template`: a string, or Hugging Face's list of named templates, of which the one named
-    `default` renders conversations."""
+    """The template conversations are rendered with: `chat_template.jinja` beside the config, which takes priority as
+    in transformers' loading, else the config's `chat_template` (a string, or Hugging Face's list of named
+    templates, of which the one named `default`)."""
+    jinja_file = config_file.parent / CHAT_TEMPLATE_FILE
+    if jinja_file.is_file():
+        return ChatTemplate(jinja_file, jinja_file.read_text(encoding="utf-8"), _special_token_texts(config))
     template = config.get("chat_template")
     if template is None:
         return None
@@ -138,7 +170,10 @@ def _chat_template(config_file: Path, config: dict[str, Any]) -> ChatTemplate | 
     if not isinstance(template, str):
         raise TokenizerNotFound(f"{config_file}: chat_template must be a string or a list of {{name, template}} "
                                 "with one named 'default'")
-    # The variables transformers' apply_chat_template passes: every special token the config names.
-    special = {name: text for name, value in config.items()
-               if name.endswith("_token") and (text := _token_text(value)) is not None}
-    return ChatTemplate(config_file, template, special)
+    return ChatTemplate(config_file, template, _special_token_texts(config))
+
+
+def _special_token_texts(config: dict[str, Any]) -> dict[str, str]:
+    """The variables transformers' apply_chat_template passes a template: every special token the config names."""
+    return {name: text for name, value in config.items()
+            if name.endswith("_token") and (text := _token_text(value)) is not None}

@@ -176,6 +176,42 @@ def test_a_chat_template_is_rendered_and_only_the_replies_and_their_end_of_turn_
     assert cut.input_ids == example.input_ids[:20] and cut.labels == example.labels[:20]
 
 
+def test_a_chat_template_saved_as_transformers_saves_it_is_read_and_kept_by_every_copy(tmp_path, bpe_dir,
+                                                                                        conversation):
+    """transformers' save_pretrained writes the template to chat_template.jinja, not tokenizer_config.json: such a
+    model renders as the one with the template in its config, and pruning, checkpoints and exports keep the file."""
+    from shortened.modeling import build_tiny_llama
+    from shortened.prune.hf_model import save_model_dir
+    from shortened.tokenizer import copy_tokenizer
+
+    in_config = with_chat_template(bpe_dir, tmp_path / "chat", LLAMA3_CHAT_TEMPLATE)
+    saved = tmp_path / "saved"
+    AutoTokenizer.from_pretrained(in_config).save_pretrained(saved)
+    assert (saved / "chat_template.jinja").read_text() == LLAMA3_CHAT_TEMPLATE
+    assert "chat_template" not in json.loads((saved / "tokenizer_config.json").read_text())
+    reference = encode_example(chat(conversation), load_tokenizer(in_config), 4096, train_on_inputs=False)
+    tokenizer = load_tokenizer(saved)
+    assert tokenizer.chat_template.source == saved / "chat_template.jinja"
+    assert encode_example(chat(conversation), tokenizer, 4096, train_on_inputs=False) == reference
+
+    (saved / "additional_chat_templates").mkdir()
+    (saved / "additional_chat_templates" / "tool_use.jinja").write_text(GENERIC)
+    pruned = save_model_dir(build_tiny_llama(seed=0, num_layers=1, vocab_size=tokenizer.vocab_size),
+                            tmp_path / "pruned", saved)  # launch/prune.py's output
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    copy_tokenizer(pruned / "tokenizer.json", checkpoint)  # what the trainer's checkpoints and exports hold
+    for copy in (pruned, checkpoint):
+        assert encode_example(chat(conversation), load_tokenizer(copy), 4096, train_on_inputs=False) == reference
+        assert (copy / "additional_chat_templates" / "tool_use.jinja").read_text() == GENERIC
+        assert set(AutoTokenizer.from_pretrained(copy).chat_template) == {"default", "tool_use"}
+
+    # both there: the file wins, as in transformers' loading
+    (saved / "tokenizer_config.json").write_text(json.dumps({**json.loads((saved / "tokenizer_config.json")
+                                                                         .read_text()), "chat_template": GENERIC}))
+    assert load_tokenizer(saved).chat_template.template == LLAMA3_CHAT_TEMPLATE
+
+
 def test_a_tokenizer_json_without_a_chat_template_keeps_vicunas(bpe_dir, conversation):
     tokenizer = load_tokenizer(bpe_dir)
     assert tokenizer.chat_template is None

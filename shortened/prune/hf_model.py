@@ -9,13 +9,11 @@ import torch
 
 from shortened.prune.blocks import block_param_counts, check_supported
 from shortened.prune.errors import PruneInputError
+from shortened.tokenizer import copy_tokenizer, copy_tokenizer_sidecars
 
 if TYPE_CHECKING:  # transformers is imported lazily: the CLIs answer --help and bad arguments without it
     from transformers import PreTrainedModel
 
-# Files that make a model directory usable by our tokenizer (tokenizer.model) and by transformers' AutoTokenizer.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -95,10 +93,10 @@ def save_model_dir(model: PreTrainedModel, out_dir: str | Path, tokenizer_source
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer_source.is_file():
-        name = "tokenizer.json" if tokenizer_source.suffix == ".json" else "tokenizer.model"
-        shutil.copyfile(tokenizer_source, out / name)
-    else:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_source / name).is_file():
-                shutil.copyfile(tokenizer_source / name, out / name)
+        copy_tokenizer(tokenizer_source, out)
+        return out
+    for name in ("tokenizer.model", "tokenizer.json"):  # both where both exist: ours reads one, AutoTokenizer the other
+        if (tokenizer_source / name).is_file():
+            shutil.copyfile(tokenizer_source / name, out / name)
+    copy_tokenizer_sidecars(tokenizer_source, out)
     return out

@@ -42,8 +42,9 @@ from shortened.fsutil import (
     sealed_damage,
     take_lock,
 )
-from shortened.modeling import copy_tokenizer, save_with_tokenizer
+from shortened.modeling import save_with_tokenizer
 from shortened.rng import save_rng_state
+from shortened.tokenizer import copy_tokenizer
 from shortened.train.distributed import DistEnv, barrier
 from shortened.train.failpoints import failpoint
 from shortened.train.resume_rules import config_changes, rule_for

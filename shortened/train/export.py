@@ -15,8 +15,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shortened.modeling import copy_tokenizer
-from shortened.tokenizer import TokenizerNotFound, load_tokenizer
+from shortened.tokenizer import TokenizerNotFound, copy_tokenizer, load_tokenizer
 from shortened.train.checkpoint import (
     DEEPSPEED_TAG,
     MODEL_CONFIG_FILE,
@@ -75,7 +74,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
 
 
 def _copy_tokenizer(path: Path, out: Path) -> None:
-    """The checkpoint's tokenizer, as the trainer stored it (`modeling.copy_tokenizer`)."""
+    """The checkpoint's tokenizer, as the trainer stored it (`tokenizer.copy_tokenizer`)."""
     try:
         tokenizer = load_tokenizer(path).path
     except TokenizerNotFound:
