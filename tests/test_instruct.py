@@ -233,6 +233,10 @@ GENERIC = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfo
     # the generation prompt's trailing space and the reply's first word are one token (' No')
     (GENERIC.replace("assistant:{% endif %}", "assistant: {% endif %}"),
      "of the rendered text) falls inside the token ' "),
+    # no generation prompt: the assistant's header would be rendered inside the reply, and learned
+    (LLAMA3_CHAT_TEMPLATE.split("{% if add_generation_prompt %}")[0],
+     "the template ignores add_generation_prompt, so the text before conversations[2]'s reply "
+     "('<|start_header_id|>assistant<|end_header_id|>\\n\\n') would carry loss"),
     # Gemma-style templates refuse a system turn
     ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
      + GENERIC, "System role not supported"),
@@ -256,6 +260,17 @@ def test_a_plain_text_chat_template_learns_the_replies_alone(tmp_path, bpe_dir, 
     assert tokenizer.decode(example.input_ids).startswith("system: You answer yes or no.\nuser: ")
     replies = [turn["value"] for turn in conversation["conversations"][1::2]]
     assert tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX]) == "".join(f" {r}\n" for r in replies)
+
+
+def test_a_template_without_an_assistant_header_needs_no_generation_prompt(tmp_path, bpe_dir, conversation):
+    """Mistral-style: `[INST] question [/INST] reply</s>`, nothing rendered before a reply, so a template that has
+    no add_generation_prompt branch still puts the loss on the replies alone."""
+    mistral = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+               "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    tokenizer = load_tokenizer(with_chat_template(bpe_dir, tmp_path / "chat", mistral))
+    example = encode_example(conversation, tokenizer, 4096, train_on_inputs=False)
+    replies = [turn["value"] for turn in conversation["conversations"][1::2]]
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX]) == "".join(f" {r}{EOS}" for r in replies)
 
 
 def test_a_malformed_chat_template_names_the_config_file(tmp_path, bpe_dir):
