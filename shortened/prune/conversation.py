@@ -125,8 +125,13 @@ def _chat_template_pieces(record: dict[str, Any], tokenizer: HFJsonTokenizer,
                 f"{which}: the text rendered up to conversations[{number}] is not a prefix of the whole "
                 "conversation's (the template renders earlier turns differently once later ones follow), so the "
                 "loss cannot be put on the assistant's turns alone")
-        _check_reply_start(which, number, message["content"], through[len(before):],
-                           ignores_prompt=before == render(number, False))
+        header = _text_before_content(message["content"], through[len(before):])
+        # rendered without the prompt only then, to see whether the template ignores it
+        if header is not None and before == render(number, False):
+            raise ConversationError(
+                f"{which}: the template ignores add_generation_prompt, so the text before conversations[{number}]'s "
+                f"reply ({header!r}) would carry loss; use a template that renders the assistant's header when "
+                "add_generation_prompt is set, as transformers' generation does")
         replies.append((len(before), len(through)))
 
     ids, offsets = tokenizer.encode_with_offsets(whole)
@@ -142,18 +147,15 @@ def _chat_template_pieces(record: dict[str, Any], tokenizer: HFJsonTokenizer,
     return pieces
 
 
-def _check_reply_start(which: str, number: int, content: str, reply: str, ignores_prompt: bool) -> None:
-    """A template that ignores add_generation_prompt renders the assistant's header (`<|start_header_id|>assistant
-    ...`, `assistant: `) inside what the reply adds, where it would carry loss as if the model had to learn to
-    write it: refused, unless the reply's text begins with the message itself (templates with no header,
-    Mistral's `[INST] ... [/INST] reply`)."""
+def _text_before_content(content: str, reply: str) -> str | None:
+    """What the reply's text holds before the message itself (None when it begins with it, whitespace aside). A
+    template that ignores add_generation_prompt renders the assistant's header there (`<|start_header_id|>assistant
+    ...`, `assistant: `), where it would carry loss as if the model had to learn to write it; templates with no
+    header (Mistral's `[INST] ... [/INST] reply`) have nothing there."""
     opening = content.strip()[:40]
-    if ignores_prompt and not reply.lstrip().startswith(opening):
-        header = reply.partition(opening)[0] if opening in reply else reply[:40]
-        raise ConversationError(
-            f"{which}: the template ignores add_generation_prompt, so the text before conversations[{number}]'s "
-            f"reply ({header!r}) would carry loss; use a template that renders the assistant's header when "
-            "add_generation_prompt is set, as transformers' generation does")
+    if reply.lstrip().startswith(opening):
+        return None
+    return reply.partition(opening)[0] if opening in reply else reply[:40]
 
 
 def _role(speaker: str) -> str:

@@ -72,13 +72,12 @@ def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
     env = setup_distributed(config.train.dist_timeout_s)
     try:
         plan = plan_run(config, env)
+        start_tokens = plan.consumed_samples * plan.identity.seq_len
         if plan.start_step >= plan.budget.stop_step and not missed_at_resume(
-                hooks, plan.start_step, plan.consumed_samples * plan.identity.seq_len, plan.budget.tokens_per_step,
-                plan.run_dir, env.rank):
+                hooks, plan.start_step, start_tokens, plan.budget.tokens_per_step, plan.run_dir, env.rank):
             log.info("step %d already reaches the stop at step %d: nothing to train", plan.start_step,
                      plan.budget.stop_step)
-            return TrainResult(plan.start_step, plan.consumed_samples * plan.identity.seq_len, "done",
-                               plan.checkpoint.path if plan.checkpoint else None)
+            return TrainResult(plan.start_step, start_tokens, "done", plan.checkpoint.path if plan.checkpoint else None)
         seed_everything(config.train.seed + env.rank)
         engine = _build(config, env, plan)
         apply_timeout_to_all_groups(config.train.dist_timeout_s)
