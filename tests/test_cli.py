@@ -72,6 +72,16 @@ def test_print_config_of_a_bad_override_is_one_error_line(capsys):
     assert_one_error_line(code, capsys.readouterr().err, "unknown key 'train.max_stepz'")
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("distill.temperature=inf", "distill.temperature: inf must be finite and positive"),
+    ("distill.kd_weight=nan", "distill.kd_weight: nan must be finite and >= 0"),
+])
+def test_a_non_finite_distillation_setting_is_refused(override, fragment, capsys):
+    """temperature=inf used to pass (inf > 0) and the first step's loss was NaN."""
+    code = cpt_main(["--config", str(RECIPE), "--print-config", "distill.teacher=some/model", override])
+    assert_one_error_line(code, capsys.readouterr().err, fragment)
+
+
 def parse_defaults(cls: type) -> dict:
     parser = cli.ArgumentParser()
     cli.add_dataclass_arguments(parser, cls)

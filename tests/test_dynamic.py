@@ -12,17 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from test_mixture import checkpoint_with
 from transformers import AutoModelForCausalLM
 
-from shortened.config import ConfigError, RunConfig, load_config
+from shortened.config import ConfigError, RunConfig, load_config, to_dict
 from shortened.data.dynamic import updated_weights
 from shortened.data.mixture import MixtureState, SourceIndex, advance
 from shortened.data.prepare import PrepareConfig, prepare_shards
 from shortened.data.shards import PackedShards
 from shortened.eval.results import read_results
 from shortened.eval.validation import domain_validation_losses
-from shortened.modeling import build_tiny_llama
+from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
 from shortened.train.dynamic import REFERENCE_FILE, check_dynamic
 from shortened.train.plan import natural_mixture, plan_mixture
@@ -147,8 +148,12 @@ def test_dynamic_loading_starts_from_the_natural_mixture_and_a_resume_keeps_the_
     assert natural_mixture(sizes) == {"RedPajamaArXiv": 0.25, "RedPajamaC4": 0.75}
     assert plan_mixture(config, sizes, None) == MixtureState.start(natural_mixture(sizes), sorted(sizes))
     _, saved = advance(MixtureState.start({"RedPajamaArXiv": 0.9, "RedPajamaC4": 0.1}, sorted(sizes)), 8)
-    resumed = plan_mixture(dynamic_config("data.mixture={RedPajamaC4: 1}"), sizes, checkpoint_with(tmp_path, saved))
-    assert resumed == saved  # data.mixture gave the start; the checkpoint holds the updates since
+    written = checkpoint_with(tmp_path, saved)
+    same = dynamic_config("data.mixture={RedPajamaC4: 1}")
+    (written.path / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(to_dict(same)))
+    assert plan_mixture(same, sizes, written) == saved  # data.mixture gave the start; the checkpoint holds the updates
+    changed = plan_mixture(dynamic_config("data.mixture={RedPajamaArXiv: 1}"), sizes, written)
+    assert changed == saved.with_weights({"RedPajamaArXiv": 1.0}, sorted(sizes))  # a new setting: a new start
     with pytest.raises(ConfigError, match="data.dynamic.every_steps: the shards in .* are not packed by source"):
         plan_mixture(config, None, None)
 
@@ -225,6 +230,50 @@ def test_stopped_between_two_updates_and_resumed_it_reads_the_same_samples_under
         else:  # ZeRO re-partitioned: the reductions add in another order
             assert record["loss"] == pytest.approx(expected["loss"], rel=1e-4)
             assert record["domain_weights"] == pytest.approx(expected["domain_weights"], rel=1e-4)
+
+
+def test_a_mixture_changed_on_resume_is_the_updates_new_start(dynamic_runs, by_source, tiny_init_model, tmp_path):
+    """A new source at 0.3 on resume used to get no sample: the checkpoint's updated weights were kept, while the
+    log said the change was honoured and config.yaml recorded it."""
+    step6 = ckpt.checkpoints_root(dynamic_runs["full"]) / ckpt.tag_for(STOP)
+    mixture = {"RedPajamaCommonCrawl": 0.4, "RedPajamaArXiv": 0.2, "RedPajamaGithub": 0.1, "RedPajamaC4": 0.3}
+    reference = {**REFERENCE, "RedPajamaC4": 9.0}
+    args = [*dynamic_run(tmp_path / "run", by_source, tiny_init_model, f"resume={step6}", "train.max_steps=8"),
+            "data.mixture={" + ", ".join(f"{s}: {w}" for s, w in mixture.items()) + "}",
+            "data.dynamic.reference={" + ", ".join(f"{s}: {w}" for s, w in reference.items()) + "}"]
+    output = run_ok(python(args, tmp_path / "run.out"))
+    assert f"data.mixture changes on resume at step {STOP}" in output
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [STOP + 1, STOP + 2]
+    assert log[0]["domain_weights"] == pytest.approx({s: mixture.get(s, 0.0) for s in log[0]["domain_weights"]},
+                                                     abs=1e-15)
+    assert all(r["domain_samples"]["RedPajamaC4"] > 0 for r in log)
+    assert log[1]["dynamic_losses"].keys() == reference.keys()  # the update goes on from the new weights
+
+
+@pytest.mark.parametrize("model, said", [
+    (dict(vocab_size=32064), "has vocab_size=32064, the student model.init_from="),
+    (dict(max_position_embeddings=32), "data.seq_len=64 exceeds data.dynamic.reference_model="),
+    (None, "has no tokenizer.model / tokenizer.json to compare with the student's"),
+])
+def test_a_reference_model_that_scores_other_tokens_is_refused_naming_the_key(model, said, by_source,
+                                                                              tiny_init_model, tokenizer_model,
+                                                                              tmp_path):
+    """The reference used to be loaded unchecked: its losses over other ids drove the weights. It now gets the
+    distillation teacher's check."""
+    reference = tmp_path / "reference"
+    if model is None:
+        build_tiny_llama(seed=1, num_layers=2).save_pretrained(reference)
+    else:
+        save_with_tokenizer(build_tiny_llama(seed=1, num_layers=2, **model), reference, tokenizer_model)
+    args = dynamic_run(tmp_path / "run", by_source, tiny_init_model, "data.dynamic.reference=model",
+                       f"data.dynamic.reference_model={reference}", "train.max_steps=2")
+    job = python(args, tmp_path / "run.out")
+    assert job.wait() == 2
+    errors = [line for line in job.output().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"data.dynamic.reference_model={reference}" in errors[0] and said in errors[0], \
+        job.output()[-3000:]
+    assert not (tmp_path / "run" / REFERENCE_FILE).exists()
 
 
 def test_a_reference_model_is_measured_once_kept_in_the_run_dir_and_read_back_on_resume(tmp_path, by_source,

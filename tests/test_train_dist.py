@@ -304,6 +304,37 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_continues_exactly(
         assert same(a, b), (a, b)
 
 
+def test_a_resume_by_path_starts_a_branch_that_resume_auto_follows_and_the_log_describes(ref_run, work,
+                                                                                          train_shards_64,
+                                                                                          tiny_init_model):
+    """The reference run's dir (checkpoints 12 and 16, log rows 1-16) resumed by path from step 12 to step 14, then
+    resume=auto to 16. Before, auto went back to the abandoned branch's step 16 (nothing to train) and the log held
+    rows 1-14, 13-14 of the new branch. Now step 16 and rows 13-16 are set aside, auto follows the branch, and the
+    log is the uninterrupted run's row by row."""
+    run_dir = work / "branch"
+    shutil.copytree(ref_run, run_dir, ignore=shutil.ignore_patterns("tensorboard", ".train.lock"))
+    root = ckpt.checkpoints_root(run_dir)
+    old_16 = json.loads((root / ckpt.tag_for(STEPS) / ckpt.MARKER).read_text())
+    branch = overrides(run_dir, train_shards_64, tiny_init_model, "checkpoint.every_steps=2")
+    output = run_ok(warm(2, [*branch, f"resume={root / ckpt.tag_for(12)}", "train.max_steps=14"],
+                         work / "branch_path.out"))
+    assert "resuming from step 12: moved what lay past it aside into" in output
+    (aside,) = (run_dir / "set_aside").iterdir()
+    assert aside.name.startswith("after_step_00000012.")
+    reference = read_log(ref_run)
+    assert [json.loads(line) for line in (aside / "train_log.jsonl").read_text().splitlines()] == reference[12:]
+    assert json.loads((aside / "checkpoints" / ckpt.tag_for(STEPS) / ckpt.MARKER).read_text()) == old_16
+    assert [c.step for c in ckpt.scan(root)[0]] == [12, 14]
+
+    run_ok(warm(2, branch, work / "branch_auto.out"))
+    assert [c.step for c in ckpt.scan(root)[0]] == [14, 16]
+    resumed = read_log(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, reference):
+        assert same(a, b), (a, b)
+    assert len(list((run_dir / "set_aside").iterdir())) == 1  # resuming at the branch's newest moved nothing
+
+
 def test_one_rank_with_double_accumulation_matches_two_ranks(ref_run, work, train_shards_64, tiny_init_model):
     """Also with activation checkpointing on: recomputation changes memory, not the numbers. Run again, the
     finished run trains nothing and leaves its log as it was."""
@@ -388,24 +419,29 @@ def nan_token(shards_dir: Path, data_seed: int, step: int, steps: int) -> int:
 
 
 def test_a_nan_loss_stops_the_run_with_a_message_or_skips_the_step(work, train_shards_64, tiny_init_model):
-    """The embedding row of a token that first appears in step 3's batch is NaN: step 3's loss is NaN, no other."""
+    """The embedding row of a token that first appears in step 3's batch is NaN: step 3's loss is NaN, no other.
+    Every step is printed (log.every_steps=1): the console line of a NaN step used to format None and kill the run
+    with a TypeError, under either policy, on any step the log printed."""
     base = overrides(work / "unused", train_shards_64, tiny_init_model)
     token = nan_token(train_shards_64, load_config(RunConfig, RECIPE, base).data.seed, step=3, steps=6)
     model = AutoModelForCausalLM.from_pretrained(tiny_init_model)
     with torch.no_grad():
         model.model.embed_tokens.weight[token] = float("nan")
     poisoned = save_with_tokenizer(model, work / "nan_model", tiny_init_model / "tokenizer.model")
+    printed = ("train.max_steps=6", "log.every_steps=1")
 
     stop_dir = work / "nan_stop"
-    job = python(overrides(stop_dir, train_shards_64, poisoned, "train.max_steps=6"), work / "nan_stop.out")
+    job = warm(2, overrides(stop_dir, train_shards_64, poisoned, *printed), work / "nan_stop.out")
     assert job.wait() == 1
-    assert "error: step 3: loss nan; the update was not applied" in job.output()
+    output = job.output()
+    assert "error: step 3: loss nan; the update was not applied" in output
+    assert "Traceback" not in output and "TypeError" not in output, output[-3000:]
     log = read_log(stop_dir)
     assert [r["step"] for r in log] == [1, 2, 3] and log[2]["loss"] is None and log[2]["skipped"]
 
     skip_dir = work / "nan_skip"
-    run_ok(python(overrides(skip_dir, train_shards_64, poisoned, "train.max_steps=6", "train.nan_policy=skip"),
-                  work / "nan_skip.out"))
+    run_ok(warm(2, overrides(skip_dir, train_shards_64, poisoned, *printed, "train.nan_policy=skip"),
+                work / "nan_skip.out"))
     log = read_log(skip_dir)
     assert [r["skipped"] for r in log] == [False, False, True, False, False, False]
     assert all(r["loss"] is not None for i, r in enumerate(log) if i != 2)

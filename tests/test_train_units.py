@@ -17,6 +17,7 @@ from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama
 from shortened.rng import capture_rng_state, restore_rng_state
 from shortened.train import checkpoint as ckpt
+from shortened.train.branch import set_aside_past
 from shortened.train.distributed import first_host, launch_variables
 from shortened.train.ds_config import build_deepspeed_config
 from shortened.train.engine import lr_factor
@@ -232,13 +233,30 @@ def test_resume_asked_for_with_nothing_to_resume_is_an_error(tmp_path):
         ckpt.resolve_resume("never", tmp_path)
 
 
-def test_resuming_an_older_checkpoint_warns_about_the_newer_ones(tmp_path, caplog):
+def test_a_resume_sets_aside_every_record_past_its_step_and_keeps_the_rest(tmp_path, caplog):
+    """Rows and checkpoints of later steps leave the run dir for set_aside/ (none deleted); the rest is untouched."""
     root = ckpt.checkpoints_root(tmp_path)
-    older = fake_checkpoint(root, 4)
-    fake_checkpoint(root, 8)
+    older, newer = fake_checkpoint(root, 4), fake_checkpoint(root, 8)
+    rows = [json.dumps({"step": s, "loss": s / 10}) for s in range(1, 9)]
+    (tmp_path / "train_log.jsonl").write_text("\n".join(rows) + "\n")
+    results = [json.dumps({"step": s, "checkpoint": ckpt.tag_for(s), "task": "piqa"}) for s in (0, 4, 8)]
+    (tmp_path / "results.jsonl").write_text("\n".join(results) + "\n")
+    watched = {tag: {"step": int(tag[5:])} for tag in (ckpt.tag_for(4), ckpt.tag_for(8))}
+    (tmp_path / "eval_state.json").write_text(json.dumps({"version": 1, "evaluated": watched}))
+    assert ckpt.resolve_resume(str(older), tmp_path).step == 4
     with caplog.at_level("WARNING"):
-        assert ckpt.resolve_resume(str(older), tmp_path).step == 4
-    assert "step_00000008 in this run_dir belong to the continuation being abandoned" in caplog.text
+        moved = set_aside_past(tmp_path, 4)
+    assert moved is not None and moved.checkpoints == ["step_00000008"] and moved.log_rows == [5, 6, 7, 8]
+    assert "moved what lay past it aside into" in caplog.text and "checkpoints step_00000008" in caplog.text
+    assert (tmp_path / "train_log.jsonl").read_text().splitlines() == rows[:4]
+    assert (moved.folder / "train_log.jsonl").read_text().splitlines() == rows[4:]
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == results[:2]
+    assert (moved.folder / "results.jsonl").read_text().splitlines() == results[2:]
+    assert json.loads((tmp_path / "eval_state.json").read_text())["evaluated"] == {ckpt.tag_for(4): {"step": 4}}
+    assert json.loads((moved.folder / "eval_state.json").read_text())["evaluated"] == {ckpt.tag_for(8): {"step": 8}}
+    assert not newer.exists() and (moved.folder / "checkpoints" / "step_00000008" / ckpt.MARKER).is_file()
+    assert [c.step for c in ckpt.scan(root)[0]] == [4]  # resume=auto now finds this branch's newest
+    assert set_aside_past(tmp_path, 4) is None  # nothing past the step: nothing moved, no folder
 
 
 def test_retention_keeps_the_newest_complete_and_drops_only_older_ones(tmp_path):

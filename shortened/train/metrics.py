@@ -76,7 +76,7 @@ class TrainLogger:
         step = record["step"]
         self.bar.update(record["tokens"] - self.bar.n)
         if step % self.every_steps == 0:
-            self.bar.set_postfix(step=step, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+            self.bar.set_postfix(step=step, loss=_shown(record["loss"], ".4f"), lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.3g}", refresh=False)
             if self.writer is not None:
                 for key in TENSORBOARD_KEYS:
@@ -93,6 +93,11 @@ class TrainLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _shown(value: float | None, spec: str) -> str:
+    """A logged value for the console; the log holds None for a non-finite loss (JSON has no NaN)."""
+    return "nan" if value is None else format(value, spec)
 
 
 class PhaseTimer:

@@ -45,10 +45,12 @@ RULES: dict[str, ResumeRule] = {
     "data.seed": refused("the seed defines the sample order; another would repeat and skip samples"),
     "data.num_workers": honoured("loader processes only; the samples do not depend on it"),
     "data.document_mask": honoured("applies to every batch after the checkpoint"),
-    "data.dynamic": honoured("the weights go on from the checkpoint's, which hold every update so far; the settings "
-                             "apply from the next update (a new reference model is measured afresh)"),
+    "data.dynamic": honoured("the weights go on from the checkpoint's, which hold every update so far (unless "
+                             "data.mixture changed); the settings apply from the next update (a new reference model is "
+                             "measured afresh)"),
     "data.mixture": honoured("new weights from the resumed step: each source goes on in its own order from its saved "
-                             "count, the rounding starts afresh; turning a mixture on or off is refused (a per-source "
+                             "count, the rounding starts afresh; under data.dynamic they replace the updated weights "
+                             "and the updates go on from them; turning a mixture on or off is refused (a per-source "
                              "order does not continue the global one)"),
     "train.global_batch_size": honoured("from the next step, if it divides the consumed samples; the token budget "
                                         "counts the tokens already trained"),
