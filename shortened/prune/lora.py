@@ -7,7 +7,8 @@ that drives LoRA dropout is saved and restored with the checkpoint.
 
 Run directory:
     config.yaml            the resolved LoraTrainConfig
-    train_log.jsonl        one line per optimizer step: step, epoch, loss, lr, grad_norm, tokens, time
+    train_log.jsonl        one line per optimizer step: step, epoch, loss, lr, grad_norm, tokens,
+                           examples_without_loss, time
     checkpoints/step_N/    adapter (PEFT format), optimizer, RNG, trainer_state.json, complete.json
     merged/                the base model with the adapter merged in, fp16 safetensors + tokenizer files
 """
@@ -18,6 +19,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,11 @@ from tqdm import tqdm
 
 from shortened.config import LoraTrainConfig, save_config, to_dict
 from shortened.fsutil import truncate_log
+from shortened.modeling import tied_parameter_names
 from shortened.prune.conversation import ConversationError
 from shortened.prune.errors import PruneInputError
 from shortened.prune.hf_model import load_causal_lm, resolve_device, resolve_dtype, resolve_model_dir, save_model_dir
-from shortened.prune.instruct import IGNORE_INDEX, Example, collate, encode_example, read_alpaca
+from shortened.prune.instruct import IGNORE_INDEX, Example, InstructDataError, collate, encode_example, read_alpaca
 from shortened.prune.lora_checkpoint import complete_checkpoints, load_checkpoint, remove_leftovers, save_checkpoint
 from shortened.tokenizer import Tokenizer, load_tokenizer
 
@@ -42,6 +45,10 @@ if TYPE_CHECKING:  # peft is imported when training starts
 
 # Fields that do not change what is trained; a resumed run may differ in them.
 _RESUME_FREE_FIELDS = ("save_every_steps", "keep_last", "device")
+
+
+class TiedTargetError(PruneInputError):
+    """--target-modules names a module whose weight another module shares (a tied LM head and input embedding)."""
 
 
 class ResumeMismatch(PruneInputError):
@@ -92,15 +99,39 @@ def encoded(config: LoraTrainConfig, tokenizer: Tokenizer, number: int, record: 
         raise ConversationError(f"{config.data}: record {number}: {err}") from None
 
 
+def encoded_examples(config: LoraTrainConfig, tokenizer: Tokenizer) -> list[Example]:
+    """Every record of the data file encoded. Those cut by the cutoff before their first loss token stay in the
+    step plan (it is the published recipe's, and a resumed run's plan must not move) but add nothing to the loss,
+    so they are counted here; when no example is left to learn from, the run is refused."""
+    examples = [encoded(config, tokenizer, number, record) for number, record in enumerate(read_alpaca(config.data))]
+    empty = [number for number, example in enumerate(examples) if example.label_tokens == 0]
+    if len(empty) == len(examples):
+        raise InstructDataError(
+            f"{config.data}: all {len(examples)} examples have no loss token within --cutoff-len "
+            f"{config.cutoff_len} (their prompts fill it), so nothing would be trained; raise --cutoff-len or "
+            "shorten the records")
+    if empty:
+        print(f"warning: {config.data}: {len(empty)} of {len(examples)} examples have no loss token within "
+              f"--cutoff-len {config.cutoff_len} (records {_first_few(empty)}): they add nothing to the loss; "
+              "raise --cutoff-len or shorten those records to learn from them", file=sys.stderr, flush=True)
+    return examples
+
+
+def _first_few(numbers: list[int], shown: int = 10) -> str:
+    more = f", ... ({len(numbers) - shown} more)" if len(numbers) > shown else ""
+    return ", ".join(map(str, numbers[:shown])) + more
+
+
 def train_lora(config: LoraTrainConfig) -> Path:
     """Train (or resume) the LoRA run in `config.out`, then merge; returns the merged model directory."""
     import peft
 
     out = Path(config.out)
     model_dir = resolve_model_dir(config.model)
+    check_untied_targets(model_dir, config.target_modules)
     tokenizer_source = Path(config.tokenizer) if config.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_source)
-    examples = [encoded(config, tokenizer, number, record) for number, record in enumerate(read_alpaca(config.data))]
+    examples = encoded_examples(config, tokenizer)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 
@@ -115,6 +146,7 @@ def train_lora(config: LoraTrainConfig) -> Path:
     plan = StepPlan(len(examples), config.micro_batch_size * config.grad_accum, config.micro_batch_size,
                     config.epochs, config.seed)
     start = _resume_or_start(out, config, model, optimizer)
+    without_loss = sum(1 for example in examples if example.label_tokens == 0)
 
     model.train()
     log = open(out / "train_log.jsonl", "a")
@@ -124,14 +156,16 @@ def train_lora(config: LoraTrainConfig) -> Path:
         lr = lr_at(step, config, plan.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, tokens = _accumulate(model, [[examples[i] for i in mb] for mb in plan.micro_batches(step)],
-                                   device, dtype)
+        micro_batches = [[examples[i] for i in mb] for mb in plan.micro_batches(step)]
+        loss, tokens = _accumulate(model, micro_batches, device, dtype)
         grad_norm = nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         record = {"step": done, "epoch": step // plan.steps_per_epoch, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm.item(), "tokens": tokens, "time_s": round(time.time() - started, 4)}
+                  "grad_norm": grad_norm.item(), "tokens": tokens,
+                  "examples_without_loss": sum(1 for mb in micro_batches for e in mb if e.label_tokens == 0),
+                  "time_s": round(time.time() - started, 4)}
         log.write(json.dumps(record) + "\n")
         log.flush()
         if done % config.save_every_steps == 0 or done == plan.total_steps:
@@ -142,9 +176,27 @@ def train_lora(config: LoraTrainConfig) -> Path:
         bar.set_postfix(loss=f"{loss:.4f}")
     bar.close()
     log.close()
+    print(f"lora run: {plan.total_steps} steps over {len(examples)} examples ({without_loss} of {len(examples)} "
+          f"examples without loss tokens within --cutoff-len {config.cutoff_len})", flush=True)
     del model, base, optimizer, trainable  # free the training copy before the fp32 merge loads the base again
     final = complete_checkpoints(out / "checkpoints")[-1]
     return merge_lora(model_dir, final, out / "merged", tokenizer_source, torch.float16)
+
+
+def check_untied_targets(model_dir: Path, targets: list[str]) -> None:
+    """Refuse, before any weight loads, an adapter on a matrix the model ties to another (`tie_word_embeddings`):
+    merging adds it to the one matrix both modules use, so the merged model's input embedding changes too and its
+    logits are not the adapter model's (PEFT 0.21 merges so, with or without its `ensure_weight_tying`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    tied = {name.rpartition(".")[0] for pair in tied_parameter_names(skeleton).items() for name in pair}
+    hit = [t for t in targets if any(module == t or module.endswith(f".{t}") for module in tied)]  # PEFT's matching
+    if hit:
+        raise TiedTargetError(
+            f"--target-modules {' '.join(hit)}: {model_dir} ties {' and '.join(sorted(tied))} to one matrix "
+            "(tie_word_embeddings: true), and a merged adapter there would change both; leave them out")
 
 
 def _accumulate(model: nn.Module, micro_batches: list[list[Example]], device: torch.device,
