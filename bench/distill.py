@@ -283,12 +283,12 @@ def inprocess_step_times(inputs: DemoInputs, repeats: int, micro_batch: int) -> 
 
 
 def param_summary(config: Any, seq_len: int) -> str:
-    from shortened.modeling import param_count, train_flops_per_token
+    from shortened.modeling import matmul_param_count, param_count, train_flops_per_token
 
-    head = config.vocab_size * config.hidden_size
+    head, matmul = config.vocab_size * config.hidden_size, matmul_param_count(config)
     return (f"{config.num_hidden_layers} blocks, N {param_count(config) / 1e6:.2f}M all params, "
-            f"{(param_count(config) - head) / 1e6:.2f}M matmul params ({head / (param_count(config) - head):.0%} of "
-            f"them the LM head), {train_flops_per_token(config, seq_len) / 1e6:.1f} MFLOP/token trained")
+            f"{matmul / 1e6:.2f}M matmul params ({head / matmul:.0%} of them the LM head), "
+            f"{train_flops_per_token(config, seq_len) / 1e6:.1f} MFLOP/token trained")
 
 
 def machine() -> str:

@@ -25,11 +25,13 @@ def tiny_llama_config(
     rope_theta: float = 10_000.0,
     bos_token_id: int = 1,
     eos_token_id: int = 2,
+    tie_word_embeddings: bool = False,
 ) -> LlamaConfig:
     """A Llama config with the real 32k vocabulary and a few narrow layers: runs in milliseconds on CPU.
 
     `num_kv_heads < num_heads`, a larger vocabulary, `rope_theta=500_000` and the tokenizer's own bos/eos ids give
-    the Llama-3 layout (grouped-query attention, untied head), as `tiny_llama3_config` does.
+    the Llama-3 layout (grouped-query attention, untied head), as `tiny_llama3_config` does;
+    `tie_word_embeddings=True` SmolLM2's (`tiny_smollm_config`).
     """
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -43,7 +45,7 @@ def tiny_llama_config(
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -51,6 +53,13 @@ def tiny_llama3_config(vocab_size: int, bos_token_id: int, eos_token_id: int, nu
     """Llama-3's layout in miniature: 4 query heads sharing 2 key/value heads, rope_theta 500k, untied head."""
     return tiny_llama_config(num_layers=num_layers, num_heads=4, num_kv_heads=2, vocab_size=vocab_size,
                              rope_theta=500_000.0, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+
+
+def tiny_smollm_config(num_layers: int = 4) -> LlamaConfig:
+    """SmolLM2's layout in miniature: 6 query heads sharing 2 key/value heads (3 per group, as SmolLM2-135M's 9 share
+    3), rope_theta 100k, and the LM head tied to the input embedding (one matrix); the real 32k LLaMA vocabulary."""
+    return tiny_llama_config(num_layers=num_layers, hidden_size=96, intermediate_size=256, num_heads=6,
+                             num_kv_heads=2, rope_theta=100_000.0, tie_word_embeddings=True)
 
 
 def build_tiny_llama(seed: int = 0, config: LlamaConfig | None = None, **config_kwargs) -> LlamaForCausalLM:
@@ -111,12 +120,33 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """Model FLOPs per trained token (forward + backward), the PaLM/Megatron MFU convention.
 
     6 * N for the matrix multiplies of every parameter that multiplies an activation (the embedding lookup
-    does not), plus 6 * layers * seq_len * hidden for attention scores and values (causal masking is not
-    discounted, as in PaLM's appendix B). Activation recomputation is not counted: MFU, not HFU.
+    does not; the LM head does, tied to the embedding or not), plus 6 * layers * seq_len * hidden for attention
+    scores and values (causal masking is not discounted, as in PaLM's appendix B). Activation recomputation is not
+    counted: MFU, not HFU. A tied model has the FLOPs of its untied twin: one matrix fewer, the same multiplies.
     """
-    matmul_params = param_count(config) - config.vocab_size * config.hidden_size
     attention = 6 * config.num_hidden_layers * seq_len * config.hidden_size
-    return 6 * matmul_params + attention
+    return 6 * matmul_param_count(config) + attention
+
+
+def matmul_param_count(config: LlamaConfig) -> int:
+    """The parameters that multiply an activation: all but an untied input embedding, which is only looked up (a
+    tied one is also the LM head's matrix)."""
+    lookup_only = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return param_count(config) - lookup_only
+
+
+def tied_parameter_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter name that refers to the same tensor as an earlier one, mapped to that first name: a tied LM
+    head gives {"lm_head.weight": "model.embed_tokens.weight"}, the name `save_pretrained` keeps; {} when nothing is
+    tied. Read from the model (built from its config, on the meta device if only the names matter), never assumed."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 def save_with_tokenizer(model: PreTrainedModel, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
