@@ -1,10 +1,13 @@
 """LoRA retraining's faults done through its command line (launch/lora.py, forked warm): examples that --cutoff-len
 cuts to no loss tokens are counted, and none left to learn from is an error (Alpaca, Vicuna's template and a Llama-3
-chat template alike)."""
+chat template alike); a resume refuses a data file whose content changed since its checkpoints."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from test_llama3 import BOS, EOS, TRAIN_DOCS, VOCAB, train_llama3_like_tokenizer
 from tokenizers import Tokenizer as ReferenceTokenizer
 
 from shortened.modeling import build_tiny_llama, save_with_tokenizer, tiny_llama3_config
+from shortened.prune.lora_checkpoint import complete_checkpoints
 
 import warm_start
 from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, read_original_documents, subprocess_env
@@ -80,7 +84,8 @@ def run_lora(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """The run's one `error:` line, its last on stderr, exit status 2, no traceback."""
+    """The run's one `error:` line, its last on stderr (a warning about an ignored torn checkpoint may come before
+    it), exit status 2, no traceback."""
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -128,3 +133,37 @@ def test_examples_cut_to_no_loss_tokens_are_counted_in_the_log_and_the_summary(t
     assert all(r["tokens"] > 0 for r in log)
     assert f"3 of 8 examples without loss tokens within --cutoff-len {CUTOFF}" in result.stdout
     assert (out / "merged" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------ a data file changed before a resume
+
+
+def test_a_resume_refuses_a_data_file_whose_content_changed_since_its_checkpoints(tmp_path, vicuna_model):
+    """Killed mid-run, the file replaced, the rerun used to resume on other records; the original content (written
+    again, at a new mtime) still resumes."""
+    data = tmp_path / "alpaca.json"
+    original = json.dumps(as_records("alpaca", short_pairs(24)))
+    data.write_text(original)
+    out = tmp_path / "run"
+    args = lora_args(vicuna_model, data, out, "--micro-batch-size", "1", "--grad-accum", "1", "--epochs", "2",
+                     "--save-every-steps", "1")
+    victim = warm_start.WarmProcess([LORA, *args], subprocess_env(), ROOT, tmp_path / "victim.out")
+    deadline = time.time() + 180
+    while not (out / "checkpoints" / "step_00000003" / "complete.json").exists():
+        assert victim.poll() is None, f"the LoRA run exited {victim.returncode}"
+        assert time.time() < deadline, "the LoRA run never wrote its third checkpoint"
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    newest = complete_checkpoints(out / "checkpoints")[-1]
+    assert 3 <= int(newest.name.split("_")[1]) < 48
+
+    data.write_text(json.dumps(as_records("alpaca", short_pairs(24, skip=24))))  # other records, as many
+    error_line(run_lora(args), str(data), "changed since", str(out), "a new --out", "the original file")
+    assert complete_checkpoints(out / "checkpoints")[-1] == newest and not (out / "merged").exists()
+
+    data.write_text(original)
+    resumed = run_lora(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {newest}" in resumed.stdout
+    assert [r["step"] for r in log_of(out)] == list(range(1, 49))

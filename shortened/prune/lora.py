@@ -9,7 +9,8 @@ Run directory:
     config.yaml            the resolved LoraTrainConfig
     train_log.jsonl        one line per optimizer step: step, epoch, loss, lr, grad_norm, tokens,
                            examples_without_loss, time
-    checkpoints/step_N/    adapter (PEFT format), optimizer, RNG, trainer_state.json, complete.json
+    checkpoints/step_N/    adapter (PEFT format), optimizer, RNG, trainer_state.json (with the data file's sha256),
+                           complete.json
     merged/                the base model with the adapter merged in, fp16 safetensors + tokenizer files
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shortened.config import LoraTrainConfig, save_config, to_dict
-from shortened.fsutil import truncate_log
+from shortened.fsutil import file_sha256, truncate_log
 from shortened.modeling import tied_parameter_names
 from shortened.prune.conversation import ConversationError
 from shortened.prune.errors import PruneInputError
@@ -52,7 +53,7 @@ class TiedTargetError(PruneInputError):
 
 
 class ResumeMismatch(PruneInputError):
-    """The run directory holds checkpoints of a run with a different configuration."""
+    """The run directory holds checkpoints of a run with a different configuration or other data."""
 
 
 @dataclass
@@ -132,6 +133,8 @@ def train_lora(config: LoraTrainConfig) -> Path:
     tokenizer_source = Path(config.tokenizer) if config.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_source)
     examples = encoded_examples(config, tokenizer)
+    data_sha256 = file_sha256(config.data)
+    resume_from = _resume_point(out, config, data_sha256)  # before the model loads: a refusal costs nothing
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 
@@ -145,7 +148,7 @@ def train_lora(config: LoraTrainConfig) -> Path:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     plan = StepPlan(len(examples), config.micro_batch_size * config.grad_accum, config.micro_batch_size,
                     config.epochs, config.seed)
-    start = _resume_or_start(out, config, model, optimizer)
+    start = _resume_or_start(out, config, resume_from, model, optimizer)
     without_loss = sum(1 for example in examples if example.label_tokens == 0)
 
     model.train()
@@ -170,7 +173,8 @@ def train_lora(config: LoraTrainConfig) -> Path:
         log.flush()
         if done % config.save_every_steps == 0 or done == plan.total_steps:
             save_checkpoint(out / "checkpoints", done, model, optimizer,
-                            {"step": done, "total_steps": plan.total_steps, "config_hash": _resume_hash(config)},
+                            {"step": done, "total_steps": plan.total_steps, "config_hash": _resume_hash(config),
+                             "data_sha256": data_sha256},
                             config.keep_last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -221,27 +225,43 @@ def _resume_hash(config: LoraTrainConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-def _resume_or_start(out: Path, config: LoraTrainConfig, model: PeftModel,
-                     optimizer: torch.optim.Optimizer) -> int:
-    """The step to start from: 0 for a new run, else that of the newest complete checkpoint (restored)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "checkpoints").is_dir():
-        remove_leftovers(out / "checkpoints")
+def _resume_point(out: Path, config: LoraTrainConfig, data_sha256: str) -> Path | None:
+    """The newest complete checkpoint in `out`, None for a new run; checkpoints of another configuration, or of
+    another content of the data file (the step plan indexes records by position), are refused."""
     checkpoints = complete_checkpoints(out / "checkpoints")
     if not checkpoints:
-        save_config(config, out / "config.yaml")
-        (out / "train_log.jsonl").write_text("")
-        return 0
+        return None
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     if state["config_hash"] != _resume_hash(config):
         raise ResumeMismatch(
             f"{out}: holds checkpoints of a run with another configuration (see {out / 'config.yaml'}); "
             "resume with the same settings or choose a new --out"
         )
-    load_checkpoint(checkpoints[-1], model, optimizer)
-    step = state["step"]
+    if "data_sha256" not in state:
+        print(f"note: {checkpoints[-1]} predates the data file's sha256 in checkpoints, so {config.data} cannot be "
+              "checked against the data it was trained on", flush=True)
+    elif state["data_sha256"] != data_sha256:
+        raise ResumeMismatch(
+            f"{config.data}: changed since the checkpoints in {out} were written (sha256 "
+            f"{state['data_sha256'][:12]}... then, {data_sha256[:12]}... now), so the resumed steps would train on "
+            "other records; put the original file back to resume, or train on this one with a new --out"
+        )
+    return checkpoints[-1]
+
+
+def _resume_or_start(out: Path, config: LoraTrainConfig, checkpoint: Path | None, model: PeftModel,
+                     optimizer: torch.optim.Optimizer) -> int:
+    """The step to start from: 0 for a new run, else that of `checkpoint` (restored)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "checkpoints").is_dir():
+        remove_leftovers(out / "checkpoints")
+    if checkpoint is None:
+        save_config(config, out / "config.yaml")
+        (out / "train_log.jsonl").write_text("")
+        return 0
+    step = load_checkpoint(checkpoint, model, optimizer)["step"]
     truncate_log(out / "train_log.jsonl", step)  # the steps after the checkpoint are trained again
-    print(f"resumed from {checkpoints[-1]} (step {step})", flush=True)
+    print(f"resumed from {checkpoint} (step {step})", flush=True)
     return step
 
 
