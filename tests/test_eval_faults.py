@@ -21,6 +21,7 @@ from shortened.modeling import build_tiny_llama, save_with_tokenizer
 
 import warm_start
 from conftest import EVAL_DATA, ROOT, TOKENIZER_MODEL, subprocess_env
+from train_support import CPT, RECIPE, overrides
 
 ROWS = 20  # of the real PIQA rows, enough for accuracies that move when one row is scored wrongly
 BAD_LINE = 5
@@ -170,6 +171,10 @@ def model_dir(tmp_path_factory) -> Path:
     (["--tasks", "nosuchtask"], ["unknown task(s) nosuchtask", "known: boolq, piqa, hellaswag", "eval.task_file"]),
     (["--tasks", "piqa", "--limit", "-1"], ["eval.limit", "must be >= 0"]),
     (["--tasks", "piqa", "--batch-size", "x"], ["--batch-size", "invalid int value"]),
+    # piqa twice would be scored twice and weigh double in the zero-shot mean
+    (["--tasks", "piqa,piqa,arc_easy"], ["eval.tasks: piqa given more than once"]),
+    # no task and no validation shards: nothing to evaluate, an empty result that looks like success
+    (["--tasks", ""], ["eval.tasks: empty", "nothing to evaluate", "known: boolq", "--validation-shards"]),
 ])
 def test_evaluate_bad_arguments(args, fragments, model_dir, tmp_path):
     result = run_cli("evaluate.py", "--model", str(model_dir), "--data-dir", str(EVAL_DATA), *args,
@@ -204,3 +209,32 @@ def test_eval_watch_bad_input(tmp_path):
     result = run_cli("eval_watch.py", "--run", str(run), "--once", "model.x=1")
     assert_one_error_line(result, "override 'model.x=1'")
     assert sorted(p.name for p in run.iterdir()) == []  # nothing written into the run
+
+
+@pytest.mark.parametrize("tasks, fragment", [
+    ("eval.tasks=[piqa,arc_easy,piqa]", "eval.tasks: piqa given more than once"),
+    ("eval.tasks=[]", "nothing to evaluate"),
+])
+def test_eval_watch_refuses_a_repeated_task_or_nothing_to_evaluate(tmp_path, tasks, fragment):
+    run = tmp_path / "run"
+    run.mkdir()
+    result = run_cli("eval_watch.py", "--run", str(run), "--once", f"eval.data_dir={EVAL_DATA}", tasks)
+    assert_one_error_line(result, fragment)
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
+def test_a_repeated_inline_evaluation_task_stops_the_training_job_before_any_step(tmp_path, train_shards_64,
+                                                                                   tiny_init_model):
+    """The trainer's inline evaluation checks eval.tasks as evaluate.py and the watcher do."""
+    run_dir = tmp_path / "run"
+    args = overrides(run_dir, train_shards_64, tiny_init_model, "train.max_steps=2", "eval.mode=inline",
+                     "eval.every_steps=1", f"eval.data_dir={EVAL_DATA}", "eval.limit=4",
+                     "eval.tasks=[piqa,arc_easy,piqa]")
+    result = warm_start.run([CPT, "--config", RECIPE, *args], timeout=240,
+                            env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "eval.tasks: piqa given more than once" in errors[0], errors[0]
+    assert not (run_dir / "results.jsonl").exists()
+    assert not (run_dir / "train_log.jsonl").exists() or not (run_dir / "train_log.jsonl").read_text()

@@ -19,7 +19,7 @@ from shortened.eval.dist import EvalGroups, PeerFailure
 from shortened.eval.perplexity import PerplexityResult, task_windows
 from shortened.eval.results import ZERO_SHOT_MEAN, failed_row, mean_row, ok_row
 from shortened.eval.scoring import nll_sum
-from shortened.eval.tasks import LmEvalTask, PerplexityTask, TaskSpec, load_task_table, select_tasks
+from shortened.eval.tasks import LmEvalTask, PerplexityTask, TaskSpec, configured_tasks
 from shortened.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,15 @@ class ModelFileError(FileNotFoundError):
 class EvalSuite:
     def __init__(self, config: EvalConfig, tokenizer_file: str | Path, groups: EvalGroups | None = None,
                  validation_path: str | Path = "") -> None:
-        """Bad task names or a bad task table raise ConfigError here, at start-up, not at the first evaluation.
+        """Bad or repeated task names, nothing to evaluate, or a bad task table raise ConfigError here, at start-up,
+        not at the first evaluation.
 
         `validation_path`: held-out token shards (data.validation_path); their loss is one more task when given.
         """
         self.config = config
         self.validation_path = str(validation_path or "")
         self.tokenizer_file = _tokenizer_file(tokenizer_file)
-        self.specs: list[TaskSpec] = select_tasks(load_task_table(config.task_file), config.tasks)
+        self.specs: list[TaskSpec] = configured_tasks(config, self.validation_path)
         self.groups = groups
         self._windows: dict[str, np.ndarray] = {}  # perplexity windows, tokenised once per suite
         self._lm = None

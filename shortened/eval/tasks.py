@@ -8,7 +8,7 @@ from typing import Any, Sequence, Union
 
 import yaml
 
-from shortened.config import ConfigError
+from shortened.config import ConfigError, EvalConfig
 from shortened.eval.rows import SCHEMAS
 
 DEFAULT_TASK_FILE = Path(__file__).with_name("tasks.yaml")
@@ -68,7 +68,23 @@ def load_task_table(path: str | Path | None = None) -> dict[str, TaskSpec]:
     return {name: _parse_entry(path, name, entry) for name, entry in raw["tasks"].items()}
 
 
+def configured_tasks(config: EvalConfig, validation_path: str | Path = "") -> list[TaskSpec]:
+    """The task table's entries for `config.tasks`, as every evaluator (launch/evaluate.py, the inline hook, the
+    watcher) checks them at start-up: ConfigError for an unknown or repeated name, and for an evaluation with
+    nothing to evaluate (no task and no validation shards), which would record nothing and look like success."""
+    table = load_task_table(config.task_file)
+    if not config.tasks and not validation_path:
+        raise ConfigError(f"eval.tasks: empty, and no validation shards are given: nothing to evaluate; name tasks "
+                          f"(known: {', '.join(table)}) or give held-out token shards (data.validation_path, "
+                          "--validation-shards)")
+    return select_tasks(table, config.tasks)
+
+
 def select_tasks(table: dict[str, TaskSpec], names: Sequence[str], source: str = "eval.tasks") -> list[TaskSpec]:
+    repeated = list(dict.fromkeys(n for n in names if names.count(n) > 1))
+    if repeated:  # a task run twice would also count twice in the zero-shot mean
+        raise ConfigError(f"{source}: {', '.join(repeated)} given more than once; each task is scored once and "
+                          "counts once in the zero-shot mean, so give each name once")
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ConfigError(

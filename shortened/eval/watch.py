@@ -28,7 +28,7 @@ from shortened.config import ConfigError, EvalConfig, apply_override, from_dict
 from shortened.eval.mirror import check_mirror
 from shortened.eval.results import RESULTS_FILE, append_rows, failed_row, read_results, stamp
 from shortened.eval.suite import EvalSuite
-from shortened.eval.tasks import load_task_table, select_tasks
+from shortened.eval.tasks import configured_tasks
 from shortened.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def watch(run_dir: str | Path, config: EvalConfig, every_tokens: int = 0, once: 
     if not run_dir.is_dir():
         raise WatchError(f"{run_dir}: no such run directory (pass the trainer's run_dir to --run)")
     # A typo or a missing mirror stops the watcher now, instead of marking every checkpoint failed.
-    check_mirror(config.data_dir, select_tasks(load_task_table(config.task_file), config.tasks))
+    check_mirror(config.data_dir, configured_tasks(config, validation_path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     done = 0
     with _exclusive(run_dir):
