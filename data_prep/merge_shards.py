@@ -3,7 +3,9 @@
     python data_prep/merge_shards.py --inputs parts/part_0 parts/part_1 parts/part_2 --output corpus
 
 The output holds one manifest.json listing the parts' shards where they lie; give it as data.path (or
-data.validation_path). Keep the parts beside it: the manifest refers to them by relative path.
+data.validation_path). Keep the parts beside it: the manifest refers to them by relative path. The parts of a
+partitioned prep are joined in partition order, other corpora in the order given; an existing merge is rewritten
+but never renumbered (see docs/shard-format.md).
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ data_prep/merge_shards.py joins the parts into one corpus with exactly the docum
 of an unpartitioned run, which the trainer trains on like any other."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from shortened.data.prepare import prepare_shards
 from shortened.data.shards import PackedShards, read_manifest
 from shortened.data.sources import InputError
 
-from conftest import launcher
+from conftest import ROOT, launcher, subprocess_env
 from train_support import overrides, python, read_log, run_ok
 
 PARTS = 3  # the shared sample has 5 train files: parts of 2, 2 and 1
@@ -21,6 +23,19 @@ PARTS = 3  # the shared sample has 5 train files: parts of 2, 2 and 1
 
 def merge_main(argv: list[str]) -> int:
     return launcher("data_prep/merge_shards.py").main(argv)
+
+
+def merge_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    """data_prep/merge_shards.py as a user runs it (it imports no torch, so a cold start is cheap)."""
+    return subprocess.run([sys.executable, str(ROOT / "data_prep" / "merge_shards.py"), *map(str, args)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The only line of stderr, an `error:` line of an exit 2 without a traceback."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
 
 
 def prep_config(sample: Path, tokenizer: Path, output: Path, **extra) -> PrepareConfig:
@@ -74,6 +89,43 @@ def test_the_merged_corpus_numbers_the_parts_sequences_part_after_part(parts, me
         offset += len(piece)
     assert merge_main(["--inputs", *map(str, parts), "--output", str(merged)]) == 0  # a rerun rewrites the same
     assert read_manifest(merged) == corpus.manifest
+
+
+def test_partitions_merge_in_partition_order_whatever_order_they_are_given_in(parts, merged):
+    """A shell's `part_*` lists part_10 before part_2: one partitioned prep must still merge to one corpus."""
+    output = parts[0].parent / "corpus_reordered"  # beside `merged`, so the relative paths are the same
+    given = [parts[2], parts[0], parts[1]]
+    assert merge_cli("--inputs", *given, "--output", output).returncode == 0
+    assert read_manifest(output) == read_manifest(merged)
+    result = merge_cli("--inputs", *reversed(given), "--output", output)  # a rerun into it, in yet another order
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(output) == read_manifest(merged)
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, slimpajama_sample, tokenizer_model) -> list[Path]:
+    """Two small corpora that are not partitions (validation documents of one source each): their merge order is
+    the user's to choose."""
+    root = tmp_path_factory.mktemp("corpora")
+    outputs = [root / source for source in ("RedPajamaC4", "RedPajamaStackExchange")]
+    for output in outputs:
+        prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="validation", tokenizer=str(tokenizer_model),
+                                     output=str(output), seq_len=64, sources=[output.name], max_tokens=20_000,
+                                     workers=1, progress=False, verbose=False))
+    return outputs
+
+
+def test_a_merge_that_would_renumber_an_existing_merge_is_refused_naming_both_orders(corpora, tmp_path):
+    first, second = corpora
+    output = tmp_path / "corpus"
+    assert merge_cli("--inputs", first, second, "--output", output).returncode == 0
+    before = (output / "manifest.json").read_bytes()
+    error = one_error_line(merge_cli("--inputs", second, first, "--output", output))
+    assert (f"--output {output}: {output / 'manifest.json'} merges {first}, {second} in this order, but --inputs "
+            f"gives {second}, {first}: a job training on it would read its sequences in another order") in error
+    assert (output / "manifest.json").read_bytes() == before
+    assert merge_cli("--inputs", first, second, "--output", output).returncode == 0  # the same order: a rewrite
+    assert (output / "manifest.json").read_bytes() == before
 
 
 def test_the_trainer_trains_on_the_merged_corpus(parts, merged, tmp_path, tiny_init_model):

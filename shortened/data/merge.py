@@ -5,7 +5,10 @@ outputs; merging them copies no token. The merged directory holds only `manifest
 paths relative to it (`../part_1/shard_00000.bin`), its counts are the parts' sums, and its fingerprint is made
 of the parts' fingerprints, so a training run resumed on it checks the data identity as for any corpus. Every
 reader of shards (trainer, validation loss, calibration) reads it unchanged. Sequences are numbered part after
-part, in the order of `inputs`.
+part: the parts of a partitioned prep in partition order, whatever order `inputs` lists them in (a shell's `part_*`
+puts part_10 before part_2), other corpora in the order of `inputs`. A merge into an existing merged manifest that
+would renumber its sequences (the parts it shares with the new merge in another order) is refused: a job training
+on it would read another order after its next resume.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any
 
 from shortened.config import MergeConfig
 from shortened.data.prep_stats import MAX_EXAMPLES
-from shortened.data.shards import MANIFEST_NAME, ShardFormatError, check_shards, read_manifest
+from shortened.data.shards import MANIFEST_NAME, ShardFormatError, check_shards, read_manifest, shard_path
 from shortened.data.sources import InputError
 from shortened.fsutil import atomic_write_json
 
@@ -35,8 +38,9 @@ def merge_corpora(config: MergeConfig) -> dict:
     _check_agree(parts, manifests)
     _check_packing(parts, manifests)
     _check_partitions(parts, manifests)
-    _check_output(output)
+    parts, manifests = _in_partition_order(parts, manifests)
     merged = _merged_manifest(parts, manifests, output)
+    _check_output(output, parts, merged)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_json(merged, output / MANIFEST_NAME)
     return merged
@@ -96,7 +100,17 @@ def _check_partitions(parts: list[Path], manifests: list[dict]) -> None:
                          "input files; prepare them (--partition I --num-partitions N) and pass every part")
 
 
-def _check_output(output: Path) -> None:
+def _in_partition_order(parts: list[Path], manifests: list[dict]) -> tuple[list[Path], list[dict]]:
+    """The parts of a partitioned prep by partition index: one prep gives one corpus, in one order, however its
+    parts are listed. Unpartitioned corpora keep the order of --inputs, the user's choice."""
+    if manifests[0].get("partition") is None:  # none is a partition (`_check_partitions`)
+        return parts, manifests
+    order = sorted(range(len(parts)), key=lambda i: manifests[i]["partition"]["index"])
+    return [parts[i] for i in order], [manifests[i] for i in order]
+
+
+def _check_output(output: Path, parts: list[Path], merged: dict) -> None:
+    """An existing merge may be rewritten, but not renumbered; any other corpus there is not ours to overwrite."""
     if not (output / MANIFEST_NAME).is_file():
         return
     try:
@@ -106,6 +120,21 @@ def _check_output(output: Path) -> None:
     if "merged_from" not in existing:
         raise InputError(f"--output {output}: holds a prepared corpus, not a merge; write the merge to a new "
                          "directory")
+    _check_same_order(output, existing, parts, merged)
+
+
+def _check_same_order(output: Path, existing: dict, parts: list[Path], merged: dict) -> None:
+    """The parts both merges hold must come in the same order: sequences are numbered part after part, and a run
+    training on the merge resumes by sample index, so another order would feed it other samples without a word."""
+    before = [entry["path"] for entry in existing["merged_from"]]
+    after = [entry["path"] for entry in merged["merged_from"]]
+    shared = set(before) & set(after)
+    if [p for p in before if p in shared] == [p for p in after if p in shared]:
+        return
+    listed = ", ".join(str(shard_path(output, p)) for p in before)
+    raise InputError(f"--output {output}: {output / MANIFEST_NAME} merges {listed} in this order, but --inputs gives "
+                     f"{', '.join(map(str, parts))}: a job training on it would read its sequences in another order "
+                     "after its next resume; keep that manifest, or write this merge to a new --output")
 
 
 def _merged_manifest(parts: list[Path], manifests: list[dict], output: Path) -> dict[str, Any]:
