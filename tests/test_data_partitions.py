@@ -3,6 +3,7 @@ data_prep/merge_shards.py joins the parts into one corpus with exactly the docum
 of an unpartitioned run, which the trainer trains on like any other."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from shortened.data.prepare import prepare_shards
 from shortened.data.shards import PackedShards, read_manifest
 from shortened.data.sources import InputError
 
+import warm_start
 from conftest import ROOT, launcher, subprocess_env
-from train_support import overrides, python, read_log, run_ok
+from train_support import CPT, RECIPE, overrides, python, read_log, run_ok
 
 PARTS = 3  # the shared sample has 5 train files: parts of 2, 2 and 1
 
@@ -126,6 +128,35 @@ def test_a_merge_that_would_renumber_an_existing_merge_is_refused_naming_both_or
     assert (output / "manifest.json").read_bytes() == before
     assert merge_cli("--inputs", first, second, "--output", output).returncode == 0  # the same order: a rewrite
     assert (output / "manifest.json").read_bytes() == before
+
+
+def test_a_moved_merged_manifest_names_the_part_it_lost_and_a_fix_that_exists(merged, tmp_path, tiny_init_model):
+    """Its shards are not damaged but elsewhere: no --verify rerun (nor the prepare_run.json it cites) is the fix."""
+    moved = tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(merged, moved)  # a copy, as the fixture is shared: the same for the reader as a move
+    result = warm_start.run([CPT, "--config", RECIPE, *overrides(tmp_path / "run", moved, tiny_init_model,
+                                                                 "train.max_steps=2")],
+                            timeout=240, env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert (f"{moved / 'manifest.json'}: a merge of ../part_0, ../part_1, ../part_2 (relative to it), but "
+            f"{moved.parent / 'part_0'} holds no prepared corpus") in errors[0]
+    assert "merge_shards.py --inputs" in errors[0] and "prepare_run.json" not in errors[0]
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_a_damaged_part_cites_its_run_record_only_where_it_is(parts, tmp_path):
+    copies = [tmp_path / part.name for part in parts]
+    for part, copy in zip(parts, copies):
+        shutil.copytree(part, copy)
+    (copies[1] / "shard_00000.bin").unlink()
+    error = one_error_line(merge_cli("--inputs", *copies, "--output", tmp_path / "corpus"))
+    assert f"{copies[1] / 'shard_00000.bin'}: missing shard" in error
+    assert f"its command is in {copies[1] / 'prepare_run.json'}" in error
+    (copies[1] / "prepare_run.json").unlink()  # a copy of the corpus may come without it
+    error = one_error_line(merge_cli("--inputs", *copies, "--output", tmp_path / "corpus"))
+    assert f"--output {copies[1]} --verify" in error and "prepare_run.json" not in error, error
 
 
 def test_the_trainer_trains_on_the_merged_corpus(parts, merged, tmp_path, tiny_init_model):

@@ -235,6 +235,20 @@ def test_an_input_that_yields_no_sequence_is_an_error(capsys, tmp_path, tokenize
         assert not (out / "manifest.json").exists() and not (out / ".work").exists()
 
 
+def test_an_input_that_yields_no_sequence_prints_its_bad_input_report_before_the_error(tmp_path, tokenizer_model):
+    """The error says how few good tokens there were; the report says what became of the rest."""
+    path = write_jsonl(tmp_path / "short.jsonl", [b"{oops\n", json.dumps({"text": "a short document"}).encode() + b"\n",
+                                                  b'{"text": ""}\n', b"\n"])
+    result = subprocess.run([sys.executable, str(SCRIPT), "--input", str(path), "--tokenizer", str(tokenizer_model),
+                             "--output", str(tmp_path / "out"), "--no-progress"],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {path}: 1 document(s), 5 tokens: fewer than one sequence of 2048" in one_error_line(result.stderr)
+    assert "rejected input: blank_line 1, empty_text 1, malformed_json 1" in result.stdout, result.stdout
+    assert "short.jsonl: blank_line 1, empty_text 1, malformed_json 1" in result.stdout, result.stdout
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("flag, value, needle", [
     ("--unit-bytes", "-5", "--unit-bytes must be 0 (chosen automatically) or at least 4096, got -5"),
     ("--unit-bytes", "10", "--unit-bytes must be 0 (chosen automatically) or at least 4096, got 10"),

@@ -35,6 +35,7 @@ from shortened.data.shards import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MANIFEST_VERSION,
+    RUN_INFO_NAME,
     ShardHeader,
     ShardWriter,
     shard_problem,
@@ -65,9 +66,6 @@ from shortened.tokenizer import Tokenizer, load_tokenizer
 WORK_DIR = ".work"
 STATE_NAME = "state.json"
 RUN_NAME = "run.json"  # .work/run.json: fingerprint and unit size of the run that owns .work, written first
-# Command, timings, unit size, where each shard starts, input mtimes: kept out of the manifest so that it stays
-# byte-identical for any --workers and any copy of the corpus.
-RUN_INFO_NAME = "prepare_run.json"
 LOCK_NAME = ".lock"  # locked while a data prep runs; left empty afterwards so outputs stay byte-identical
 HEAD_TAIL_BYTES = 64 << 10  # hashed at each end of every input file for the fingerprint
 
@@ -140,6 +138,7 @@ def _prepare(config: PrepareConfig, output: Path, files: list[InputFile], tokeni
                 break
     if packer.empty:
         shutil.rmtree(work)
+        _say(config, packer.stats.summary())  # what was read and rejected: the evidence for the error that follows
         raise InputError(_why_no_sequence(config, packer.stats))
     manifest = packer.finish(config, tokenizer, files, run, time.time() - started)
     shutil.rmtree(work)

@@ -33,6 +33,9 @@ FORMAT_VERSION = 2
 HEADER_BYTES = 4096
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+# Data prep's record of its run (command, timings, unit size, where each shard starts, input mtimes): kept out of
+# the manifest so that it stays byte-identical for any --workers and any copy of the corpus; a copy may lack it.
+RUN_INFO_NAME = "prepare_run.json"
 
 
 class ShardFormatError(ValueError):
@@ -52,10 +55,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def rebuild_hint(directory: Path) -> str:
-    """The fix for a damaged shard: data prep's rerun with --verify rebuilds exactly the damaged files."""
+    """The fix for a damaged shard: data prep's rerun with --verify rebuilds exactly the damaged files. The run
+    record is cited for its command only where it is."""
+    run_info = directory / RUN_INFO_NAME
+    command = (f"its command is in {run_info}" if run_info.is_file()
+               else "with the --input, --tokenizer and settings that prepared it")
     return (f"re-run the data prep that wrote {directory} with --verify (`python data_prep/slimpajama.py ... "
-            f"--output {directory} --verify`; its command is in {directory}/prepare_run.json): it rebuilds "
-            "damaged shards")
+            f"--output {directory} --verify`, {command}): it rebuilds damaged shards")
 
 
 @dataclass(frozen=True)
@@ -273,14 +279,28 @@ def check_shards(directory: str | Path) -> dict:
         entries = [(e["file"], e["bytes"], e["num_sequences"], e["num_tokens"], e["num_docs"])
                    for e in manifest["shards"]]
         expected = (manifest["seq_len"], manifest["dtype"], manifest["tokenizer_sha256"])
+        parts = [entry["path"] for entry in manifest.get("merged_from", [])]
     except (KeyError, TypeError) as err:
         raise ShardFormatError(f"{path}: incomplete manifest (missing {err}); move {directory} aside and prepare "
                                "the shards again") from None
+    _check_parts_present(directory, parts)
     for name, size, num_sequences, num_tokens, num_docs in entries:
         problem = shard_problem(shard_path(directory, name), size, (num_sequences, num_tokens, num_docs), expected)
         if problem is not None:
             raise problem
     return manifest
+
+
+def _check_parts_present(directory: Path, parts: list[str]) -> None:
+    """A merged manifest (data_prep/merge_shards.py) finds its parts by relative path. Moved without them, its
+    shards are not damaged but elsewhere, where no rerun of data prep (whose record may be gone too) finds them."""
+    lost = [where for where in (shard_path(directory, part) for part in parts) if not (where / MANIFEST_NAME).is_file()]
+    if lost:
+        raise ShardFormatError(
+            f"{directory / MANIFEST_NAME}: a merge of {', '.join(parts)} (relative to it), but {lost[0]} holds no "
+            "prepared corpus: the merged manifest or its parts were moved",
+            f"put {directory} back beside its parts, or merge the parts again where they are now (`python "
+            f"data_prep/merge_shards.py --inputs PART ... --output {directory}`)")
 
 
 def shard_problem(path: Path, size: int, counts: tuple[int, int, int], expected: tuple[int, str, str]
@@ -328,9 +348,9 @@ class PackedShards:
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads everything once)."""
         for entry, path in zip(self.manifest["shards"], self._files):
-            if file_sha256(path) != entry["sha256"]:
+            if file_sha256(path) != entry["sha256"]:  # the data prep to rerun is the one of the shard's directory
                 raise ShardFormatError(f"{path}: sha256 differs from {MANIFEST_NAME}: the file is corrupt",
-                                       rebuild_hint(self.directory))
+                                       rebuild_hint(path.parent))
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
