@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "accelerate==1.15.0",  # needed by peft and lm-eval's HF model wrapper
     "psutil==7.2.2",  # peak-RSS and memory figures in logs and benchmarks
     "jinja2==3.1.6",  # chat templates of tokenizer.json models (transformers renders them and refuses older)
+    "gguf==0.19.0",  # GGUF import (launch/import_gguf.py): transformers' GGUF loader reads files with it; tested on it
 ]
 
 EXTRAS = {

@@ -23,7 +23,13 @@ from shortened.fsutil import file_sha256
 # additional_chat_templates/) and no longer into tokenizer_config.json. Every copy of a tokenizer carries them all.
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
-TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", CHAT_TEMPLATE_FILE)
+# A model whose pretraining framed documents with other tokens than its tokenizer_config.json's BOS/EOS (an instruct
+# model's EOS ends a chat turn: SmolLM2-Instruct's is <|im_end|>, while its pretraining put <|endoftext|> between
+# documents) names them here, in tokenizer_config.json's form; plain text (data prep, calibration, perplexity) is
+# framed with them (docs/shard-format.md, "Document framing"). The chat template keeps the config's tokens.
+DOCUMENT_TOKENS_FILE = "document_tokens.json"
+TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", CHAT_TEMPLATE_FILE,
+                      DOCUMENT_TOKENS_FILE)
 
 
 def copy_tokenizer_sidecars(source_dir: Path, out_dir: Path) -> None:
@@ -103,7 +109,7 @@ class HFJsonTokenizer(Tokenizer):
         self._tok = RustTokenizer.from_file(str(json_file))
         config_file = json_file.parent / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        bos, eos = _special_ids(json_file.parent, config, self._tok)
+        bos, eos = _special_ids(*_document_tokens(config_file, config), self._tok)
         super().__init__(json_file, self._tok.get_vocab_size(with_added_tokens=True), bos, eos)
         self.chat_template = _chat_template(config_file, config)
 
@@ -143,12 +149,18 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _special_ids(directory: Path, config: dict[str, Any], tok) -> tuple[int, int]:
+def _document_tokens(config_file: Path, config: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Where a document's BOS/EOS are named: `document_tokens.json` beside the config when the model has one."""
+    override = config_file.parent / DOCUMENT_TOKENS_FILE
+    return (override, json.loads(override.read_text())) if override.is_file() else (config_file, config)
+
+
+def _special_ids(source: Path, config: dict[str, Any], tok) -> tuple[int, int]:
     def token_id(name: str) -> int:
         token = _token_text(config.get(name))
         token_id = tok.token_to_id(token) if token else None
         if token_id is None:
-            raise TokenizerNotFound(f"{directory}: tokenizer_config.json names no usable {name}")
+            raise TokenizerNotFound(f"{source} names no usable {name}")
         return token_id
 
     return token_id("bos_token"), token_id("eos_token")
