@@ -185,6 +185,21 @@ def test_the_run_dir_comes_from_the_trainers_own_arguments():
         supervise.trainer_args(["deepspeed", "--num_gpus", "2"])
 
 
+@pytest.mark.parametrize("command, said", [
+    (["deepspeed", CPT, "--config", RECIPE, "train.grad_clipping=1"], "unknown key 'train.grad_clipping'"),
+    (["deepspeed", CPT, "--config", "no/such/recipe.yaml"], "no/such/recipe.yaml: cannot read config file"),
+    (["no-such-launcher", CPT, "--config", RECIPE], "cannot start no-such-launcher"),
+    (["deepspeed", "--num_gpus", "2"], "no training script"),
+])
+def test_bad_input_to_the_supervisor_is_one_error_line_and_exit_2(tmp_path, command, said):
+    """Exit 1 is a NaN stop or a lost rank, which a requeue script retries; bad input must not look like one."""
+    result = subprocess.run([sys.executable, SUPERVISE, "--", *map(str, command), f"run_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and said in result.stderr, \
+        result.stderr
+
+
 def test_the_supervisor_reads_the_trainers_lock_and_marker_names():
     from shortened.train import checkpoint
 

@@ -309,9 +309,15 @@ def say(message: str) -> None:
 
 
 def supervise_main(argv: Sequence[str] | None = None) -> int:
+    """The supervised command's exit status; bad input (a mistyped key, a missing config, a command that is not
+    there) is one `error:` line and exit 2, as the trainer's own, so a requeue script does not retry it as if a rank
+    had been lost (1)."""
     import argparse
 
-    parser = argparse.ArgumentParser(
+    from shortened import cli
+    from shortened.config import ConfigError
+
+    parser = cli.ArgumentParser(
         description="Run a training launcher (deepspeed, torchrun) so that a stop signal (SIGTERM, SIGUSR1, "
                     "Ctrl-C) returns only after every rank's checkpoint is complete, with exit 0.",
         usage="%(prog)s [--run-dir DIR] -- LAUNCHER ... launch/cpt.py --config RECIPE [key=value ...]")
@@ -322,11 +328,9 @@ def supervise_main(argv: Sequence[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command to supervise; put it after --")
-    from shortened.config import ConfigError
 
-    try:
+    def supervise() -> int:
         run_dir = Path(args.run_dir).resolve() if args.run_dir else run_dir_of(command)
         return Supervisor(command, run_dir).run()
-    except (SuperviseError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+    return cli.run(supervise, (SuperviseError, ConfigError))
