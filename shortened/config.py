@@ -399,7 +399,8 @@ class LoraTrainConfig:
 
     model: str = setting("", "the (pruned) Hugging Face model directory", required=True)
     data: str = setting("", "instruction data, .json (a list) or .jsonl: Alpaca records (instruction / input / "
-                            "output) or conversations (ShareGPT / Vicuna: conversations: [{from, value}])",
+                            "output), conversations (ShareGPT / Vicuna: conversations: [{from, value}]) or plain "
+                            "documents ({text}: every token in the loss)",
                         required=True)
     out: str = setting("", "run directory: checkpoints/, train_log.jsonl, merged/ (the fp16 HF model); re-running "
                            "with it resumes", required=True)

@@ -116,6 +116,25 @@ def test_a_conversation_file_reads_and_encodes_through_the_lora_path(tmp_path, c
     assert examples[0] == examples[1] and examples[0].label_tokens > 0
 
 
+def test_plain_documents_are_framed_as_pretraining_frames_them_and_every_token_is_a_target(tmp_path, sp,
+                                                                                          tokenizer_model,
+                                                                                          slimpajama_sample):
+    """{"text": ...} records: LoRA on pretraining text, the parameter-efficient arm beside continued pretraining."""
+    texts = [r["text"] for r in read_original_documents(slimpajama_sample / "validation")[:3]]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = load_tokenizer(tokenizer_model)
+    examples = [encode_example(r, tokenizer, 4096, False) for r in read_alpaca(path)]
+    for text, example in zip(texts, examples):
+        whole = [sp.bos_id(), *sp.encode(text), sp.eos_id()][:4096]
+        assert example.input_ids == whole and example.labels == whole
+    cut = encode_example({"text": texts[0]}, tokenizer, 16, False)
+    assert cut.input_ids == [sp.bos_id(), *sp.encode(texts[0])][:16] and cut.label_tokens == 15
+    path.write_text(json.dumps({"text": texts[0]}) + "\n" + json.dumps({"text": ""}) + "\n")
+    with pytest.raises(PruneInputError, match=r"docs.jsonl: record 1 has no non-empty string 'text'"):
+        read_alpaca(path)
+
+
 # ---------------------------------------------------------------------------------------------- a model's chat template
 
 

@@ -1,5 +1,6 @@
-"""Instruction data for LoRA retraining: Alpaca records, tokenised as alpaca-lora / LLM-Pruner do, or conversations
-(`shortened.prune.conversation`).
+"""Instruction data for LoRA retraining: Alpaca records, tokenised as alpaca-lora / LLM-Pruner do, conversations
+(`shortened.prune.conversation`), or plain text documents (`{"text": ...}`: LoRA on pretraining text, the
+parameter-efficient arm beside continued pretraining on the same corpus; BOS + text + EOS, every token in the loss).
 
 Each record has `instruction`, optional `input`, and `output`. The prompt is the Alpaca template; the example is
 BOS + prompt + output, cut at `cutoff_len` tokens, with EOS appended when it fits. Unless `train_on_inputs`, the
@@ -62,15 +63,32 @@ def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
         raise InstructDataError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
     if not isinstance(records, list) or not records:
         raise InstructDataError(f"{path}: expected a non-empty list of instruction records")
-    conversations = isinstance(records[0], dict) and "conversations" in records[0]
+    kind = record_kind(records[0])
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise InstructDataError(f"{path}: record {index} is not an object")
-        if conversations:
+        if kind == "conversations":
             check_conversation(path, index, record)
+        elif kind == "text":
+            _check_text(path, index, record)
         else:
             _check_alpaca(path, index, record)
     return records
+
+
+def record_kind(record: Any) -> str:
+    """conversations, text (a document and nothing of Alpaca's) or alpaca: the first record decides for the file."""
+    if isinstance(record, dict) and "conversations" in record:
+        return "conversations"
+    if isinstance(record, dict) and "text" in record and "instruction" not in record:
+        return "text"
+    return "alpaca"
+
+
+def _check_text(path: Path, index: int, record: dict[str, Any]) -> None:
+    if not isinstance(record.get("text"), str) or not record["text"]:
+        raise InstructDataError(f"{path}: record {index} has no non-empty string 'text' (plain documents: every "
+                                "record {\"text\": ...})")
 
 
 def _check_alpaca(path: Path, index: int, record: dict[str, Any]) -> None:
@@ -88,8 +106,14 @@ def prompt_for(record: dict[str, Any]) -> str:
 
 
 def encode_example(record: dict[str, Any], tokenizer: Tokenizer, cutoff_len: int, train_on_inputs: bool) -> Example:
-    if "conversations" in record:
+    kind = record_kind(record)
+    if kind == "conversations":
         return Example(*encode_conversation(record, tokenizer, cutoff_len, train_on_inputs))
+    if kind == "text":  # a document as pretraining frames it: every token is a target
+        ids = ([tokenizer.bos_id] + tokenizer.encode(record["text"]))[:cutoff_len]
+        if len(ids) < cutoff_len:
+            ids.append(tokenizer.eos_id)
+        return Example(ids, list(ids))
     prompt = prompt_for(record)
     ids = ([tokenizer.bos_id] + tokenizer.encode(prompt + record["output"]))[:cutoff_len]
     if len(ids) < cutoff_len:
