@@ -94,10 +94,9 @@ def vicuna_7b_config(num_layers: int = 32) -> LlamaConfig:
 
 def block_param_count(config: LlamaConfig) -> int:
     """Parameters of one decoder block: attention, MLP and the two RMSNorm weights."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     h = config.hidden_size
-    q_out = config.num_attention_heads * head_dim
-    kv_out = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    q_out = config.num_attention_heads * head_dim(config)
+    kv_out = (config.num_key_value_heads or config.num_attention_heads) * head_dim(config)
     attention = h * q_out + 2 * h * kv_out + q_out * h
     if getattr(config, "attention_bias", False):
         attention += q_out + 2 * kv_out + h
@@ -117,15 +116,22 @@ def param_count(config: LlamaConfig) -> int:
 
 
 def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """Model FLOPs per trained token (forward + backward), the PaLM/Megatron MFU convention.
+    """Model FLOPs per trained token (forward + backward) in the PaLM / torchtitan MFU convention.
 
     6 * N for the matrix multiplies of every parameter that multiplies an activation (the embedding lookup
-    does not; the LM head does, tied to the embedding or not), plus 6 * layers * seq_len * hidden for attention
-    scores and values (causal masking is not discounted, as in PaLM's appendix B). Activation recomputation is not
-    counted: MFU, not HFU. A tied model has the FLOPs of its untied twin: one matrix fewer, the same multiplies.
+    does not; the LM head does, tied to the embedding or not), plus 12 * layers * heads * head_dim * seq_len for
+    attention: QK^T and AV are each 2 * heads * head_dim * seq_len FLOPs per token forward, times 3 for forward
+    + backward. Causal masking is not discounted (PaLM's appendix B, torchtitan), so the figure compares with
+    theirs; activation recomputation is not counted: MFU, not HFU. A tied model has the FLOPs of its untied twin:
+    one matrix fewer, the same multiplies. With grouped-query attention the term counts query heads: every query
+    head scores every key.
     """
-    attention = 6 * config.num_hidden_layers * seq_len * config.hidden_size
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim(config) * seq_len
     return 6 * matmul_param_count(config) + attention
+
+
+def head_dim(config: LlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def matmul_param_count(config: LlamaConfig) -> int:

@@ -115,7 +115,7 @@ def test_parameter_and_flop_counts_take_the_tied_matrix_once(source):
     assert param_count(untied) == param_count(config) + matrix
     # The tied matrix is looked up and multiplied at the head; the untied twin's extra matrix is only looked up.
     assert train_flops_per_token(config, SEQ) == train_flops_per_token(untied, SEQ)
-    assert train_flops_per_token(config, SEQ) == 6 * param_count(config) + 6 * config.num_hidden_layers * SEQ * 96
+    assert train_flops_per_token(config, SEQ) == 6 * param_count(config) + 12 * config.num_hidden_layers * SEQ * 96
 
 
 def test_the_pruned_model_is_saved_tied_and_equals_the_source_with_its_blocks_skipped(pruned, source, by_source):

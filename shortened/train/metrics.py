@@ -7,6 +7,7 @@ size x peak dense bf16 FLOP/s of one device). Only rank 0 writes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -20,10 +21,25 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from shortened.fsutil import truncate_log  # shared with the LoRA run; tests import it from here
 
+log = logging.getLogger(__name__)
 TRAIN_LOG = "train_log.jsonl"
-# Dense bf16 peak FLOP/s per device (no sparsity), by substring of torch.cuda.get_device_name().
-PEAK_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-              ("A10G", 125e12))
+# Dense bf16 peak FLOP/s per device (no sparsity), by the exact torch.cuda.get_device_name():
+# a substring match read an H100 NVL (835) or PCIe (756) as the SXM part (989). A name not listed gives no MFU
+# rather than a guess; log.peak_tflops sets it.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10G": 125e12,
+}
 TENSORBOARD_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "step_time_s",
                     "data_wait_s", "memory_gb")
 
@@ -34,7 +50,9 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+    if name not in PEAK_FLOPS:
+        log.warning("no dense bf16 peak known for %r: mfu is not logged; set log.peak_tflops", name)
+    return PEAK_FLOPS.get(name)
 
 
 def memory_gb(device: torch.device) -> float:
