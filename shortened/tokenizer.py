@@ -55,6 +55,10 @@ class TokenizerNotFound(FileNotFoundError):
     """No usable tokenizer at the given path; the message says what was looked for."""
 
 
+class TokenizerUnreadable(ValueError):
+    """A tokenizer file that is there but does not load (cut short, overwritten, another format); names the file."""
+
+
 class Tokenizer:
     """Encode text to ids without special tokens; `bos_id`/`eos_id` are added by the caller."""
 
@@ -132,14 +136,26 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """A `tokenizer.model` file, or a directory holding `tokenizer.model` (preferred) or `tokenizer.json`."""
     path = Path(path)
     if path.is_file():
-        return HFJsonTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+        return _open(path)
     if path.is_dir():
-        if (path / "tokenizer.model").is_file():
-            return SentencePieceTokenizer(path / "tokenizer.model")
-        if (path / "tokenizer.json").is_file():
-            return HFJsonTokenizer(path / "tokenizer.json")
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return _open(path / name)
         raise TokenizerNotFound(f"{path}: directory has neither tokenizer.model nor tokenizer.json")
     raise TokenizerNotFound(f"{path}: no such tokenizer file or directory")
+
+
+def _open(file: Path) -> Tokenizer:
+    """A `tokenizer.json` with the `tokenizers` library, anything else with SentencePiece; a file neither can read is
+    TokenizerUnreadable (they raise RuntimeError, OSError or a bare Exception)."""
+    kind = "tokenizers JSON" if file.suffix == ".json" else "SentencePiece"
+    try:
+        return HFJsonTokenizer(file) if file.suffix == ".json" else SentencePieceTokenizer(file)
+    except TokenizerNotFound:
+        raise
+    except Exception as err:
+        raise TokenizerUnreadable(f"{file} does not load as a {kind} tokenizer ({' '.join(str(err).split())}); it "
+                                  "is damaged or cut short: copy it again from the model it belongs to") from None
 
 
 def _token_text(value: Any) -> str | None:

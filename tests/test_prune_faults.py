@@ -99,7 +99,8 @@ def test_model_directory_without_config_json(source, tmp_path, monkeypatch, caps
     (source / "config.json").unlink()
     code, err = launch_prune(monkeypatch, capsys, *prune_args(source, tmp_path / "out", "--remove", "1",
                                                               "--no-protect"))
-    assert_error(code, err, f"--model {source}: {source / 'config.json'} is missing")
+    assert_error(code, err, f"--model {source}: no such Hugging Face model directory ({source / 'config.json'} is "
+                            "missing)")
     code, err = launch_prune(monkeypatch, capsys, *prune_args(tmp_path / "nowhere", tmp_path / "out",
                                                               "--remove", "1", "--no-protect"))
     assert_error(code, err, f"--model {tmp_path / 'nowhere'}: not a model directory")

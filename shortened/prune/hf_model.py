@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shortened.model_dir import resolve_model_dir as resolve_checked
 from shortened.prune.blocks import block_param_counts, check_supported
-from shortened.prune.errors import PruneInputError
 from shortened.tokenizer import copy_tokenizer, copy_tokenizer_sidecars
 
 if TYPE_CHECKING:  # transformers is imported lazily: the CLIs answer --help and bad arguments without it
@@ -32,27 +32,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-class ModelDirError(PruneInputError):
-    """--model names no Hugging Face model directory (none there, or no config.json in it)."""
-
-
 def resolve_model_dir(model: str) -> Path:
-    """A local directory as is; a hub id only from the local cache (nothing is downloaded at run time)."""
-    path = Path(model)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelDirError(f"--model {model}: {path / 'config.json'} is missing, so this is not a Hugging Face "
-                                "model directory; pass the directory save_pretrained wrote")
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=model, local_files_only=True))
-    except Exception as err:  # the hub client raises several types for "not cached" / "bad id"
-        raise ModelDirError(
-            f"--model {model}: not a model directory and not in the local Hugging Face cache ({type(err).__name__}); "
-            "download it first or pass a directory"
-        ) from None
+    """--model: a local directory, or a hub id from the local cache (nothing is downloaded at run time), checked
+    loadable (`shortened.model_dir`)."""
+    return resolve_checked(model, "--model")
 
 
 def stored_dtype(model_dir: Path) -> torch.dtype:
