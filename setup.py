@@ -37,6 +37,10 @@ EXTRAS = {
         "mypy==1.18.2",  # `make lint`: the package's type hints checked
         "types-PyYAML==6.0.12.20250915",  # yaml's type stubs for mypy
     ],
+    # CUDA machines only (`pip install -e '.[gpu]'`): it pulls Triton, which a CPU install neither needs nor runs
+    "gpu": [
+        "liger-kernel==0.8.5",  # model.liger: fused RMSNorm, RoPE, SwiGLU Triton kernels (shortened/train/kernels.py)
+    ],
 }
 
 setup(

@@ -54,6 +54,8 @@ class ModelConfig:
                                                     "~1/3 more compute")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
         "sdpa", "attention kernel of the Hugging Face model (flash_attention_2 needs flash-attn and a GPU)")
+    liger: bool = setting(False, "Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (CUDA only; pip install -e '.[gpu]'); "
+                                 "refused at start where it cannot run")
 
 
 @dataclass
@@ -168,6 +170,12 @@ class TrainConfig:
                                                           "update")
     max_consecutive_skips: int = setting(10, "with nan_policy=skip: this many non-finite steps in a row stop the run")
     dist_timeout_s: int = setting(600, "a lost or stuck rank ends the job after this long instead of hanging it")
+    loss_chunk_size: int = setting(1024, "positions per chunk of the plain next-token loss: it is computed from the "
+                                         "final hidden states through the LM head this many positions at a time, so "
+                                         "no full-vocabulary logits of the micro-batch exist (distill.chunk_size is "
+                                         "the distillation loss's)")
+    compile: bool = setting(False, "torch.compile each decoder block (torchtitan's way; parameter names unchanged); "
+                                   "off until a GPU has measured it")
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
@@ -182,6 +190,7 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         _require(self.max_consecutive_skips > 0, "train.max_consecutive_skips", "must be positive")
         _require(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
+        _require(self.loss_chunk_size > 0, "train.loss_chunk_size", "must be positive")
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per step so that the global batch is the same on any world size."""
