@@ -222,11 +222,11 @@ def inprocess_step_times(inputs: DemoInputs, repeats: int, micro_batch: int) -> 
     Same model, batch and precision as the runs, without DeepSpeed's gradient reduction (which both pay alike and
     which dilutes the ratio on 2 CPU ranks)."""
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from shortened.config import DistillConfig
+    from shortened.config import DistillConfig, TrainConfig
     from shortened.data.shards import PackedShards
+    from shortened.train.chunked_loss import next_token_loss
     from shortened.train.distill_loss import distillation_losses
     from shortened.train.metrics import PhaseTimer
     from shortened.train.objective import DistillationObjective, NextTokenObjective
@@ -236,13 +236,13 @@ def inprocess_step_times(inputs: DemoInputs, repeats: int, micro_batch: int) -> 
     distill = DistillConfig(teacher=str(inputs.source))
     shards = PackedShards(inputs.train)
     ids = torch.stack([torch.as_tensor(shards[i], dtype=torch.long) for i in range(micro_batch)])
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    batch = {"input_ids": ids, "use_cache": False}  # as loop.model_inputs gives it
     teacher = AutoModelForCausalLM.from_pretrained(inputs.source, dtype=dtype).eval().requires_grad_(False)
     timer = PhaseTimer(torch.device("cpu"), sync=False)
     engines, objectives, optimizers = {}, {}, {}
     for name in RUNS:  # a student each: KD's forward hook must not touch the plain student
         engines[name] = _Engine(AutoModelForCausalLM.from_pretrained(inputs.pruned, dtype=dtype).train())
-        objectives[name] = (NextTokenObjective() if name == "plain" else
+        objectives[name] = (NextTokenObjective(engines[name], TrainConfig.loss_chunk_size) if name == "plain" else
                             DistillationObjective(engines[name], teacher, distill))
         optimizers[name] = torch.optim.AdamW(engines[name].module.parameters(), lr=1e-4)
 
@@ -261,10 +261,9 @@ def inprocess_step_times(inputs: DemoInputs, repeats: int, micro_batch: int) -> 
         teacher_hidden = teacher.base_model(input_ids=ids).last_hidden_state
     head = student.get_output_embeddings().weight
 
-    def head_ce() -> None:  # what NextTokenObjective's loss is: HF's shifted cross-entropy over full logits
+    def head_ce() -> None:  # what NextTokenObjective's loss is: the chunked LM head + shifted cross-entropy
         h = hidden.detach().requires_grad_()
-        logits = (h @ head.T).float()
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        next_token_loss(h, head, ids, chunk_size=TrainConfig.loss_chunk_size).backward()
 
     def chunked_kd() -> None:
         h = hidden.detach().requires_grad_()
@@ -354,7 +353,7 @@ def report_speed(medians: dict[str, float], teacher_s: float, inproc: dict[str, 
     print(f"  in process, 1 thread, one micro-batch fwd+bwd+AdamW, best of the alternated steps: plain "
           f"{best['plain'] * 1e3:.1f} ms, KD {best['kd'] * 1e3:.1f} ms: {inproc_ratio:.2f}x (bound {bound:.2f}x; "
           f"medians {median['plain'] * 1e3:.1f} / {median['kd'] * 1e3:.1f} ms: {median['kd'] / median['plain']:.2f}x)")
-    print(f"  the losses alone, fwd+bwd from fixed final hidden states: LM head + cross-entropy (plain) "
+    print(f"  the losses alone, fwd+bwd from fixed final hidden states: chunked LM head + cross-entropy (plain) "
           f"{best['head_ce'] * 1e3:.1f} ms, chunked KD loss (both heads) {best['chunked_kd'] * 1e3:.1f} ms: "
           f"{best['chunked_kd'] / best['head_ce']:.2f}x, for 4 vocabulary matmuls against 3 (1.33x the FLOPs)")
     print(f"  at these sizes the LM head is most of N on both sides, so the bound is ~1 + 1/3; the 2.7B student of "

@@ -582,10 +582,10 @@ def test_document_mask_trains_each_document_on_its_own(work, train_shards_64, ti
     model = load_model(config.model, tiny_init_model, config.train.precision, SEQ)
     dataset = SequenceDataset(shards, document_mask=True)
 
-    def step_one_loss(keys: tuple[str, ...]) -> float:
+    def step_one_loss(keys: tuple[str, ...]) -> float:  # HF's own loss of the trainer's inputs
+        batches = [collate([{k: dataset[i][k] for k in keys}]) for i in trace[0]["sample_ids"]]
         with torch.no_grad():
-            losses = [model(**model_inputs(collate([{k: dataset[i][k] for k in keys}]), torch.device("cpu"))).loss
-                      for i in trace[0]["sample_ids"]]
+            losses = [model(**model_inputs(b, torch.device("cpu")), labels=b["input_ids"]).loss for b in batches]
         return torch.stack(losses).double().mean().item()
 
     masked, plain = step_one_loss(("input_ids", "position_ids")), step_one_loss(("input_ids",))

@@ -33,15 +33,25 @@ def document_position_ids(doc_starts: np.ndarray, seq_len: int) -> np.ndarray:
     """Position of each token within its own document, restarting at 0 at every document start.
 
     Fed to a Hugging Face Llama as `position_ids`, these make it attend only within each document: transformers reads
-    a restart as the start of a packed sequence (block-causal mask for sdpa/eager, varlen flash attention for FA2),
-    and each document gets the rotary positions it would have alone. The tail of a document cut off by the
-    sequence start begins at position 0, like any sequence.
+    a restart as the start of a packed sequence and builds a block-causal mask (sdpa, eager); flash attention needs
+    `document_bounds` of them too. Each document gets the rotary positions it would have alone. The tail of a
+    document cut off by the sequence start begins at position 0, like any sequence.
     """
     positions = np.arange(seq_len, dtype=np.int64)
     segment_start = np.zeros(seq_len, dtype=np.int64)
     starts = np.asarray(doc_starts, dtype=np.int64)
     segment_start[starts] = starts
     return positions - np.maximum.accumulate(segment_start)
+
+
+
+def document_bounds(position_ids: np.ndarray) -> np.ndarray:
+    """Where each document of a micro-batch's position ids [B, S] begins in the positions flattened row after row,
+    then the total (flash attention's `cu_seqlens`, int32): every restart at 0, and so every row's first token.
+
+    Rows never share a document: each row's first token is at position 0, even a cut-off document's tail."""
+    flat = np.asarray(position_ids).reshape(-1)
+    return np.append(np.flatnonzero(flat == 0), flat.size).astype(np.int32)
 
 
 class TokenBuffer:

@@ -14,13 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+from transformers.utils.generic import is_flash_attention_requested
 
-from shortened.config import RunConfig, TrainConfig, to_dict
+from shortened.config import ConfigError, RunConfig, TrainConfig, to_dict
 from shortened.data.loader import build_train_loader
 from shortened.data.mixture import MixtureState, SourceIndex, advance, epochs_begun
+from shortened.data.packing import document_bounds
 from shortened.data.sampler import global_order_indices
 from shortened.data.shards import read_manifest
 from shortened.data.streaming import StreamSpec, build_streaming_loader
@@ -110,7 +114,7 @@ def _objective(engine, config: RunConfig, env: DistEnv) -> tuple[Objective, torc
     """The micro-batch loss, the teacher (None without distillation), and the teacher's forward FLOPs per token
     that MFU counts beside the student's."""
     if not config.distill.enabled:
-        return NextTokenObjective(), None, 0.0
+        return NextTokenObjective(engine, config.train.loss_chunk_size), None, 0.0
     teacher = load_teacher(config.distill, config.train.precision, env.device, config.model.attn_implementation)
     if env.is_main:
         log.info("distilling from %s (%.1fM parameters, frozen, outside the optimizer): %s", config.distill.teacher,
@@ -201,6 +205,7 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
                       flops_per_token=train_flops_per_token(engine.module.config, seq_len) + teacher_flops,
                       peak=peak_flops(env.device, config.log.peak_tflops), run_dir=plan.run_dir,
                       tokenizer_file=plan.tokenizer_file)
+    varlen = document_mask_inputs(config, engine.module)
     batches = iter(_train_loader(config, env, plan, state.mixture))
     grad_accum = engine.gradient_accumulation_steps()
     logger = None
@@ -218,7 +223,7 @@ def _loop(engine, config: RunConfig, env: DistEnv, plan: RunPlan, hooks: Sequenc
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside step()
             started = time.perf_counter()
             local, sample_ids = _step(engine, batches, grad_accum, timer, env.device, objective,
-                                      config.log.sample_ids)
+                                      config.log.sample_ids, varlen)
             # One collective per step carries the losses and whether any rank was asked to stop.
             *sums, stop_votes = all_reduce_sum([*local, float(bool(stop))], env.device)
             step_time = time.perf_counter() - started
@@ -333,7 +338,7 @@ def _train_loader(config: RunConfig, env: DistEnv, plan: RunPlan, mixture: Mixtu
 
 
 def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.device, objective: Objective,
-          want_ids: bool) -> tuple[list[float], list[int]]:
+          want_ids: bool, varlen: bool) -> tuple[list[float], list[int]]:
     """One optimizer step over `grad_accum` micro-batches: this rank's summed total, ce and kd losses (kd 0
     without a teacher) and its sample indices."""
     losses, sample_ids = [], []
@@ -343,7 +348,7 @@ def _step(engine, batches, grad_accum: int, timer: PhaseTimer, device: torch.dev
         batch = next(batches)
         check_token_range(batch, vocab_size)
         timer.stop("data_wait_s")
-        loss = objective(engine, model_inputs(batch, device), timer)
+        loss = objective(engine, model_inputs(batch, device, varlen), timer)
         engine.backward(loss.total)
         timer.stop("fwd_bwd_s")
         engine.step()  # the optimizer step (clip, AdamW, schedule) happens on the last micro-batch
@@ -370,17 +375,57 @@ def check_token_range(batch: dict[str, torch.Tensor], vocab_size: int) -> None:
                           "model's tokenizer")
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """The forward arguments for one micro-batch: the ids are their own labels (the model shifts them).
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, varlen: bool = False) -> dict[str, Any]:
+    """The forward arguments for one micro-batch (the objective predicts each id from the ones before it).
 
-    With data.document_mask the batch carries position ids that restart at every document; transformers turns those
-    into a block-causal mask only when no KV cache is passed, hence `use_cache=False` spelled out here.
+    With data.document_mask the batch carries position ids that restart at every document. For eager and sdpa,
+    transformers turns those into a block-causal mask, but only when no KV cache is passed, hence `use_cache=False`
+    spelled out here. Its flash-attention path reads them as documents only for a micro-batch of one row
+    (`_is_packed_sequence`); otherwise it runs plain causal attention over each row, across documents. So for flash
+    kernels (`varlen`, from `document_mask_inputs`) the inputs also carry every document's bounds in the micro-batch
+    flattened row after row (`cu_seq_lens_q/k`, `max_length_q/k`), which transformers hands to the kernel's
+    variable-length call in every layer: each row starts a document too, so no document sees another.
     """
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
-    inputs: dict[str, Any] = {"input_ids": input_ids, "labels": input_ids, "use_cache": False}
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=True), "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+        if varlen:
+            inputs.update(varlen_inputs(batch["position_ids"], device))
     return inputs
+
+
+def varlen_inputs(position_ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Flash attention's variable-length arguments for host-side position ids [B, S]. Computed on the host, so the
+    longest document costs no device synchronisation; transformers' `prepare_fa_kwargs_from_position_ids` would
+    read it from the device in every layer."""
+    bounds = document_bounds(position_ids.numpy())
+    cu_seq_lens = torch.from_numpy(bounds).to(device, non_blocking=True)
+    longest = int(np.diff(bounds).max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest,
+            "max_length_k": longest}
+
+
+# Kernels for which transformers builds the block-causal mask from restarting position ids (masking_utils).
+MASKED_FROM_POSITION_IDS = ("eager", "sdpa", "flex_attention")
+
+
+def document_mask_inputs(config: RunConfig, model: PreTrainedModel) -> bool:
+    """Whether the micro-batches need flash attention's variable-length arguments (`model_inputs`' `varlen`) for
+    data.document_mask, from the attention kernel transformers really resolved for the built model (it may differ
+    from the one asked for, e.g. a hub kernel when flash-attn is not installed). A kernel that keeps documents apart
+    neither way is refused before the first step rather than letting them attend to each other silently."""
+    if not config.data.document_mask:
+        return False
+    kernel: str = model.config._attn_implementation
+    if is_flash_attention_requested(requested_attention_implementation=kernel):
+        return True
+    if kernel in MASKED_FROM_POSITION_IDS:
+        return False
+    raise ConfigError(f"data.document_mask=true: the model's attention kernel {kernel!r} "
+                      f"(model.attn_implementation={config.model.attn_implementation}) neither builds a mask from "
+                      "restarting position ids nor takes variable-length bounds, so packed documents would attend "
+                      f"to each other; use model.attn_implementation={' or '.join(MASKED_FROM_POSITION_IDS[:2])} or "
+                      "flash_attention_2, or data.document_mask=false")
 
 
 def _check_finite(measured: StepMeasurement, state: LoopState, train_cfg: TrainConfig) -> int:

@@ -64,6 +64,7 @@ RULES: dict[str, ResumeRule] = {
     "train.nan_policy": honoured("read at every step"),
     "train.max_consecutive_skips": honoured("read at every step"),
     "train.dist_timeout_s": honoured("applied when the process group is created"),
+    "train.loss_chunk_size": honoured("read at every step; the loss differs only in the order of its sums"),
     "train.compile": honoured("applied when the model is built; the same weights and parameter names"),
     "optim.lr": honoured("the first resumed update uses the new peak times the schedule's factor"),
     "optim.betas": honoured("set on every optimizer parameter group after loading"),
