@@ -215,10 +215,12 @@ class OptimConfig:
     min_lr_ratio: float = setting(0.1, "cosine floor as a fraction of lr, reached at the token budget")
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", "must be positive")
+        # inf passes `> 0` and makes the first update NaN (the run then stops or skips as if the data were bad)
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"{self.lr} must be finite and positive")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "each beta must lie in [0, 1)")
-        _require(self.eps > 0, "optim.eps", "must be positive")
-        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(math.isfinite(self.eps) and self.eps > 0, "optim.eps", f"{self.eps} must be finite and positive")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                 f"{self.weight_decay} must be finite and >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
 
@@ -312,10 +314,13 @@ class DistillConfig:
                                     "models' vocabulary logits, not the whole micro-batch's")
 
     def __post_init__(self) -> None:
-        _require(self.kd_weight >= 0 and self.ce_weight >= 0, "distill.kd_weight", "weights must be >= 0")
+        for key, weight in (("kd_weight", self.kd_weight), ("ce_weight", self.ce_weight)):
+            _require(math.isfinite(weight) and weight >= 0, f"distill.{key}", f"{weight} must be finite and >= 0")
         _require(not self.teacher or self.kd_weight + self.ce_weight > 0, "distill.kd_weight",
                  "kd_weight and ce_weight are both 0: nothing would be optimized")
-        _require(self.temperature > 0, "distill.temperature", "must be positive")
+        # inf passed `> 0` and turned every logit into 0/0: a NaN loss on the first step
+        _require(math.isfinite(self.temperature) and self.temperature > 0, "distill.temperature",
+                 f"{self.temperature} must be finite and positive")
         _require(self.chunk_size > 0, "distill.chunk_size", "must be positive")
 
     @property
@@ -440,12 +445,16 @@ class LoraTrainConfig:
         _require(bool(self.data), "lora.data", "set the instruction data file (--data)")
         _require(bool(self.out), "lora.out", "set the output directory (--out)")
         _require(self.r > 0 and self.alpha > 0, "lora.r", "rank and alpha must be positive")
-        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"{self.dropout} must lie in [0, 1)")
         _require(bool(self.target_modules), "lora.target_modules", "name at least one module")
-        _require(self.epochs > 0 and self.lr > 0, "lora.epochs", "epochs and lr must be positive")
+        # one check per key: a NaN fails every comparison, and a shared check named the other key
+        _require(self.epochs > 0, "lora.epochs", "must be positive")
+        _require(math.isfinite(self.lr) and self.lr > 0, "lora.lr", f"{self.lr} must be finite and positive")
         _require(self.micro_batch_size > 0 and self.grad_accum > 0, "lora.micro_batch_size", "must be positive")
         _require(self.cutoff_len > 1, "lora.cutoff_len", "must be > 1")
-        _require(self.warmup_steps >= 0 and self.max_grad_norm >= 0, "lora.warmup_steps", "must be >= 0")
+        _require(self.warmup_steps >= 0, "lora.warmup_steps", "must be >= 0")
+        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "lora.max_grad_norm",
+                 f"{self.max_grad_norm} must be finite and >= 0 (0: no clipping)")
         _require(self.save_every_steps > 0, "lora.save_every_steps", "must be positive")
         _require(self.keep_last >= 1, "lora.keep_last", "must be >= 1")
 
@@ -536,12 +545,40 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
+    except DuplicateKey as err:
+        raise ConfigError(f"{path}: line {err.line}: key {err.key!r} is given twice in one mapping (first on line "
+                          f"{err.first_line}); YAML would keep the last value without a word, so delete one") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     return raw
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping of a config file names one key twice (lines are 1-based)."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} given twice (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, where PyYAML keeps the last value silently (a recipe
+    with two `lr:` lines trained with the second while its author read the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merged keys (<<) may be overridden on purpose; other node kinds are not config keys
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise DuplicateKey(key, line, first_lines[key])
+            first_lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -92,6 +92,20 @@ def test_a_config_mistake_is_exit_2_naming_the_key(tmp_path, train_shards_64, ti
     assert_one_line_error(result, "train.grad_clipping", "tiny-cpu.yaml")
 
 
+def test_a_key_given_twice_in_the_config_file_is_refused_naming_file_line_and_key(tmp_path, train_shards_64,
+                                                                                   tiny_init_model):
+    """YAML keeps the last of two equal keys without a word: the recipe's reader would train with the other lr."""
+    lines = RECIPE.read_text().splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith("lr:"))
+    lines.insert(first + 1, "  lr: 3.0e-4\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("".join(lines))
+    result = warm_start.run([CPT, "--config", recipe, *overrides(tmp_path / "run", train_shards_64, tiny_init_model)],
+                            timeout=240, env=subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert_one_line_error(result, str(recipe), f"line {first + 2}", "'lr'", f"first on line {first + 1}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_with_a_smaller_vocabulary_than_the_shards_is_refused(tmp_path, train_shards_64, tokenizer_model):
     small = tmp_path / "small_vocab"
     save_with_tokenizer(build_tiny_llama(num_layers=2, vocab_size=1000), small, tokenizer_model)
