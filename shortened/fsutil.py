@@ -6,14 +6,16 @@ never share one, and `remove_stale_temps` clears what a killed process left.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 
 def temp_path(path: Path) -> Path:
@@ -95,6 +97,53 @@ def remove_tree(path: Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ a full disk
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Free space below which a write that failed without saying why is taken for a full disk: a write that runs out of
+# room fills the file system to its last block first.
+LOW_SPACE_BYTES = 1 << 20
+
+
+class DiskFull(OSError):
+    """A write under `filename` failed for want of space (the file system is full, or the quota spent)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def free_bytes(path: Path) -> int:
+    """Space left to this user on the file system that holds `path` (or would hold it)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def is_disk_full(err: BaseException, path: Path) -> bool:
+    """Whether `err`, raised while writing under `path`, means its file system is full. torch.save says only
+    "unexpected pos ..." or "file write failed" then, and safetensors puts the errno in its message, so where the
+    error does not tell, the space left on the file system does."""
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return True
+    if any(os.strerror(code) in str(err) for code in DISK_FULL_ERRNOS):
+        return True
+    return isinstance(err, (OSError, RuntimeError)) and free_bytes(path) < LOW_SPACE_BYTES
+
+
+@contextmanager
+def disk_full_as_oserror(path: Path) -> Iterator[None]:
+    """Writes under `path`: a failure for want of space is raised as DiskFull(path), whatever the writer raised."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as err:
+        if not is_disk_full(err, path):
+            raise
+        raise DiskFull(path) from err
 
 
 # ------------------------------------------------------------------------------ directories sealed by a marker

@@ -15,7 +15,7 @@ import pytest
 from shortened.eval.curves import collect, curves_figure
 from shortened.eval.report import paper_table, summary, write_summary
 from shortened.eval.results import append_rows, failed_row, mean_row, ok_row, read_results, stamp
-from shortened.eval.single import resolve_model_dir
+from shortened.model_dir import ModelDirError, resolve_model_dir
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 
 import warm_start
@@ -202,5 +202,5 @@ def test_evaluate_cli(tmp_path):
 
 def test_model_id_not_in_the_local_cache_names_the_download_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download lmsys/vicuna-7b-v1.3"):
-        resolve_model_dir("lmsys/vicuna-7b-v1.3")
+    with pytest.raises(ModelDirError, match="huggingface-cli download lmsys/vicuna-7b-v1.3"):
+        resolve_model_dir("lmsys/vicuna-7b-v1.3", "--model")

@@ -328,6 +328,23 @@ def mixed_runs(tmp_path_factory, by_source_64, tiny_init_model) -> dict:
     return {"full": full, "full_out": full_out, "resumed": resumed, "resumed_out": resumed_out}
 
 
+def test_turning_the_mixture_off_without_an_hf_copy_suggests_an_export_that_exists(tmp_path, by_source_64,
+                                                                                    tiny_init_model):
+    """The refusal offered `model.init_from=STEP/model`, which checkpoint.save_hf=false never writes."""
+    run_dir = tmp_path / "run"
+    short = ("train.max_steps=2", "checkpoint.every_steps=2", "checkpoint.save_hf=false")
+    run_ok(python(mixture_run(run_dir, by_source_64, tiny_init_model, *short), tmp_path / "mixed.out"))
+    step = ckpt.checkpoints_root(run_dir) / ckpt.tag_for(2)
+    assert step.is_dir() and not (step / ckpt.HF_DIR).exists()
+    job = python(overrides(run_dir, by_source_64, tiny_init_model, f"train.global_batch_size={BATCH}",
+                           "train.max_steps=4", *short[1:]), tmp_path / "plain.out")
+    assert job.wait() == 2, job.output()[-3000:]
+    errors = [line for line in job.output().splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in job.output(), job.output()[-3000:]
+    assert f"`python launch/export_hf.py --checkpoint {step} --out DIR`, then model.init_from=DIR" in errors[0]
+    assert f"{step}/{ckpt.HF_DIR}" not in errors[0], errors[0]
+
+
 def test_a_2_rank_run_reads_each_source_at_its_weight_in_its_own_order(mixed_runs, by_source_64):
     log = read_log(mixed_runs["full"])
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))

@@ -31,10 +31,13 @@ from typing import Any
 
 import yaml
 
+from shortened.config import ConfigError
 from shortened.fsutil import (
+    DISK_FULL_ERRNOS,
     LockHeld,
     atomic_write_json,
     discard_directory,
+    disk_full_as_oserror,
     file_sizes,
     fsync_dir,
     fsync_file,
@@ -117,12 +120,17 @@ def lock_run_dir(run_dir: Path) -> None:
     run_dir = Path(run_dir).resolve()
     if run_dir in _held_locks:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         _held_locks[run_dir] = take_lock(run_dir / LOCK_FILE)
     except LockHeld as held:
         raise CheckpointError(f"{run_dir} is in use by another training job ({held.holder}); wait for it to end or "
                               "choose another run_dir") from None
+    except OSError as err:  # read-only, not ours, not a directory: the first write of the run tells
+        if err.errno in DISK_FULL_ERRNOS:
+            raise
+        raise ConfigError(f"run_dir={run_dir}: cannot write there ({err.strerror}: {err.filename}); choose a "
+                          "directory this job can write") from None
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -219,12 +227,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Checkpoint | None:
     if damaged is not None:
         raise CheckpointError(f"resume={resume}: the checkpoint is damaged: {damaged}. Resume from another "
                               "checkpoint (resume=auto picks the newest undamaged one)")
-    newer = [c.path.name for c in complete if c.step > chosen.step and c.path.resolve() != chosen.path]
-    if newer:
-        log.warning("resume=%s: %s in this run_dir belong to the continuation being abandoned; they are replaced "
-                    "as training passes their steps (and resume=auto would pick them until then)", resume,
-                    ", ".join(newer))
-    return chosen
+    return chosen  # newer checkpoints of this run_dir are moved aside before training (train/branch.py)
 
 
 def newest_undamaged(complete: list[Checkpoint], root: Path) -> Checkpoint:
@@ -397,20 +400,23 @@ def save(engine, env: DistEnv, run_dir: Path, state: TrainingState, *, config_ya
         if path.exists():  # left by a save that died, or by a run resumed from an older checkpoint
             discard(path)
     barrier()
-    engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, save_latest=False)
-    failpoint("checkpoint.after_engine_save", rank=env.rank, step=state.step)
-    save_rng_state(path / "rng" / f"rank_{env.rank:05d}.pt")
-    if env.is_main:
-        write_rank0_files(path, state, config_yaml, hf_config, tokenizer_file)
-        if save_hf:
-            save_hf_model(engine.module, path / HF_DIR, tokenizer_file)
-    flush_rank_files(path, env.rank)
-    barrier()  # every rank's files are on disk
-    if env.is_main:
-        write_marker(path, state.step, state.tokens, state.consumed_samples)
-        for old in apply_retention(root, keep_last):
-            log.info("retention: removed %s", old.name)
-    barrier()  # nobody runs after_checkpoint hooks before the marker exists
+    # A full disk surfaces as torch.save's "unexpected pos ...", and on the ranks waiting for the one it stopped as
+    # "connection closed": both are said for what they are.
+    with disk_full_as_oserror(path):
+        engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, save_latest=False)
+        failpoint("checkpoint.after_engine_save", rank=env.rank, step=state.step)
+        save_rng_state(path / "rng" / f"rank_{env.rank:05d}.pt")
+        if env.is_main:
+            write_rank0_files(path, state, config_yaml, hf_config, tokenizer_file)
+            if save_hf:
+                save_hf_model(engine.module, path / HF_DIR, tokenizer_file)
+        flush_rank_files(path, env.rank)
+        barrier()  # every rank's files are on disk
+        if env.is_main:
+            write_marker(path, state.step, state.tokens, state.consumed_samples)
+            for old in apply_retention(root, keep_last):
+                log.info("retention: removed %s", old.name)
+        barrier()  # nobody runs after_checkpoint hooks before the marker exists
     return path
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from shortened import cli
 from shortened.config import ConfigError, RunConfig, load_config, render_config, value_sources
+from shortened.fsutil import DISK_FULL_ERRNOS
 
 if TYPE_CHECKING:  # the hooks module pulls in torch; --help and --print-config do without
     from shortened.train.hooks import TrainerHook
@@ -87,7 +88,7 @@ def _train(path: str, overrides: Sequence[str], hooks: Sequence[TrainerHook], ra
         return 1
     except SetupError as err:  # rank 0 printed the cause
         log.debug("%s", err)
-        return 2 if err.rank0_error in {kind.__name__ for kind in bad_input_errors()} else 1
+        return 2 if set(err.rank0_errors) & {kind.__name__ for kind in bad_input_errors()} else 1
     except RuntimeError as err:
         if not any(sign in str(err) for sign in LOST_RANK_SIGNS):
             raise
@@ -96,6 +97,15 @@ def _train(path: str, overrides: Sequence[str], hooks: Sequence[TrainerHook], ra
               "train.dist_timeout_s); the newest complete checkpoint is intact: rerun with resume=auto",
               file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        # Not bad input (2): the run was fine and goes on where it stopped once there is room, as after a lost rank.
+        label = "error" if rank == 0 else f"error (rank {rank})"
+        where = f" to write {err.filename}" if err.filename else ""
+        print(f"{label}: disk full: no space left{where}; a checkpoint counts only once complete, so the newest "
+              "complete one is intact: free space (or raise the quota) and rerun with resume=auto", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -103,11 +113,12 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     """The error types that mean bad input (config, shards, tokenizer, checkpoint): one line, exit 2."""
     from shortened.data.shards import ShardFormatError
     from shortened.data.sources import InputError
-    from shortened.tokenizer import TokenizerNotFound
+    from shortened.tokenizer import TokenizerNotFound, TokenizerUnreadable
     from shortened.train.checkpoint import CheckpointError
     from shortened.train.loop import TokenOutOfRange
 
-    return ConfigError, CheckpointError, ShardFormatError, InputError, TokenizerNotFound, TokenOutOfRange
+    return (ConfigError, CheckpointError, ShardFormatError, InputError, TokenizerNotFound, TokenizerUnreadable,
+            TokenOutOfRange)
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:

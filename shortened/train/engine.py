@@ -16,23 +16,6 @@ from shortened.config import ConfigError, ModelConfig, OptimConfig
 log = logging.getLogger(__name__)
 
 
-def resolve_model_dir(init_from: str) -> Path:
-    """A local directory for `model.init_from`: the path itself, or a hub id already in the local cache."""
-    if not init_from:
-        raise ConfigError("model.init_from: must name a Hugging Face model directory (or a cached hub id)")
-    path = Path(init_from)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(init_from, local_files_only=True))
-    except Exception as err:  # huggingface_hub raises several types for "not cached" / "bad id"
-        raise ConfigError(f"model.init_from={init_from}: neither a directory nor a hub id in the local cache "
-                          f"({type(err).__name__}); download it first, e.g. "
-                          f"`huggingface-cli download {init_from}`") from None
-
-
 def hf_config_dict(model_dir: Path) -> dict[str, Any]:
     return AutoConfig.from_pretrained(model_dir).to_dict()
 

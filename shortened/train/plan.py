@@ -18,12 +18,16 @@ import deepspeed
 import torch
 import yaml
 
-from shortened.config import ConfigError, RunConfig, TrainConfig, config_hash, to_dict
+from shortened.config import MISSING, ConfigError, RunConfig, TrainConfig, config_hash, dotted_value, to_dict
 from shortened.data.mixture import MixtureState, SourceIndex, same_weights
 from shortened.data.shards import check_shards
 from shortened.data.sources import InputError, discover
+from shortened.model_dir import resolve_model_dir
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
+from shortened.train.branch import set_aside_past
 from shortened.train.checkpoint import (
+    CONFIG_FILE,
+    HF_DIR,
     Checkpoint,
     CheckpointError,
     architecture,
@@ -36,19 +40,20 @@ from shortened.train.checkpoint import (
 from shortened.train.distributed import DistEnv, broadcast_object
 from shortened.train.ds_config import read_base_config
 from shortened.train.dynamic import check_dynamic
-from shortened.train.engine import hf_config_dict, resolve_model_dir
+from shortened.train.engine import hf_config_dict
 from shortened.train.state import FORMAT_VERSION, RunIdentity, TrainingState
-from shortened.train.teacher import check_teacher
+from shortened.train.teacher import check_same_token_space, check_teacher
 
 log = logging.getLogger(__name__)
 
 
 class SetupError(RuntimeError):
-    """Rank 0 could not set the run up; other ranks raise this with rank 0's message and its error type's name."""
+    """Rank 0 could not set the run up; other ranks raise this with rank 0's message and the names of its error's
+    type and base types (a subclass of a bad-input error, such as ModelDirError of ConfigError, is bad input too)."""
 
-    def __init__(self, message: str, rank0_error: str) -> None:
+    def __init__(self, message: str, rank0_errors: tuple[str, ...]) -> None:
         super().__init__(message)
-        self.rank0_error = rank0_error
+        self.rank0_errors = rank0_errors
 
 
 @dataclass(frozen=True)
@@ -97,12 +102,14 @@ def on_rank0(env: DistEnv, decide: Callable[[], Any]) -> Any:
             result = decide()
         except Exception as err:  # any failure must reach the other ranks, not strand them in the broadcast
             error = err
-    failure = None if error is None else (type(error).__name__, str(error))
-    outcome, rank0_failure = typing.cast(tuple[Any, tuple[str, str] | None], broadcast_object((result, failure)))
+    failure = None if error is None else (tuple(kind.__name__ for kind in type(error).__mro__), str(error))
+    outcome, rank0_failure = typing.cast(tuple[Any, tuple[tuple[str, ...], str] | None],
+                                         broadcast_object((result, failure)))
     if error is not None:
         raise error
     if rank0_failure is not None:
-        raise SetupError(f"rank 0 failed to set up the run ({': '.join(rank0_failure)})", rank0_failure[0])
+        kinds, message = rank0_failure
+        raise SetupError(f"rank 0 failed to set up the run ({kinds[0]}: {message})", kinds)
     return outcome
 
 
@@ -209,12 +216,25 @@ def plan_mixture(config: RunConfig, source_sizes: dict[str, int] | None, checkpo
     fresh = MixtureState.start(weights, sources)
     if saved is None:
         return fresh
-    if data.dynamic.enabled or same_weights(saved.weights, fresh.weights):
+    assert checkpoint is not None
+    if data.dynamic.enabled and not mixture_setting_changed(checkpoint, data.mixture):
+        return saved  # the checkpoint's weights hold every update so far
+    if same_weights(saved.weights, fresh.weights):
         return saved
     log.info("data.mixture changes on resume at step %d: weights %s -> %s; each source goes on in its own order from "
-             "its consumed count, the rounding starts afresh", checkpoint.step if checkpoint else 0,
-             json.dumps(saved.weights), json.dumps(fresh.weights))
+             "its consumed count, the rounding starts afresh%s", checkpoint.step, json.dumps(saved.weights),
+             json.dumps(fresh.weights), "; dynamic loading's updates go on from the new weights"
+             if data.dynamic.enabled else "")
     return saved.with_weights(weights, sources)
+
+
+def mixture_setting_changed(checkpoint: Checkpoint, mixture: dict[str, float] | None) -> bool:
+    """Whether data.mixture differs from the setting the checkpoint was written under. Under dynamic loading the
+    saved weights differ from the setting by the updates; only a changed setting says the user wants new ones (it
+    used to be logged as honoured, recorded in config.yaml and ignored)."""
+    written = yaml.safe_load((checkpoint.path / CONFIG_FILE).read_text())
+    before = dotted_value(written, "data.mixture")
+    return before is not MISSING and before != mixture
 
 
 def natural_mixture(source_sizes: dict[str, int]) -> dict[str, float]:
@@ -225,13 +245,22 @@ def natural_mixture(source_sizes: dict[str, int]) -> dict[str, float]:
 
 def mixture_switch_refusal(checkpoint: Checkpoint, saved: MixtureState | None) -> str:
     """Why a checkpoint cannot resume with a mixture turned on or off, and what to do instead."""
-    fresh_run = (f"or start a new run_dir from its weights (model.init_from={checkpoint.path}/model); the sample "
-                 "orders do not continue each other, so samples would repeat while others are skipped")
+    fresh_run = (f"or start a new run_dir from its weights ({weights_as_model(checkpoint)}); the sample orders do "
+                 "not continue each other, so samples would repeat while others are skipped")
     if saved is None:
         return (f"{checkpoint.path} was trained in the global sample order, without data.mixture, and data.mixture "
                 f"is set now: resume without data.mixture, {fresh_run}")
     return (f"{checkpoint.path} was trained with data.mixture={json.dumps(saved.weights)}, and data.mixture is unset "
             f"now: resume with a data.mixture (its weights may change), {fresh_run}")
+
+
+def weights_as_model(checkpoint: Checkpoint) -> str:
+    """How to start a run from a checkpoint's weights: its Hugging Face copy where checkpoint.save_hf wrote one,
+    else an export of it."""
+    model = checkpoint.path / HF_DIR
+    if model.is_dir():
+        return f"model.init_from={model}"
+    return f"`python launch/export_hf.py --checkpoint {checkpoint.path} --out DIR`, then model.init_from=DIR"
 
 
 def check_zero_stage(checkpoint: Checkpoint, deepspeed_config: str) -> None:
@@ -256,7 +285,7 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     """Rank 0's part of `plan_run`: every check and the resume decision, no collectives."""
     config.train.grad_accum_steps(world_size)  # a world size that does not divide the batch fails here
     run_dir = Path(config.run_dir)
-    model_dir = resolve_model_dir(config.model.init_from)
+    model_dir = resolve_model_dir(config.model.init_from, "model.init_from")
     data = data_identity(config, model_dir)
     hf_config = hf_config_dict(model_dir)
     identity = RunIdentity(seq_len=data["seq_len"], tokenizer_sha256=data["tokenizer_sha256"],
@@ -265,6 +294,10 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     check_data_fits(config, data, hf_config)
     if config.distill.enabled:
         check_teacher(config.distill, hf_config, model_dir, data["tokenizer_sha256"], data["seq_len"])
+    if config.data.dynamic.enabled and config.data.dynamic.reference_model:
+        check_same_token_space(Path(config.data.dynamic.reference_model), "data.dynamic.reference_model",
+                               "its per-domain losses must be of the same ids as the student's", hf_config, model_dir,
+                               data["tokenizer_sha256"], data["seq_len"])
     checkpoint = resolve_resume(config.resume, run_dir)
     universal, start_step, consumed = False, 0, 0
     if checkpoint is not None:
@@ -282,6 +315,7 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     if config.data.dynamic.enabled and mixture is not None:
         check_dynamic(config, [source for source, weight in mixture.weights.items() if weight > 0])
     run_dir.mkdir(parents=True, exist_ok=True)
+    set_aside_past(run_dir, start_step)  # every check passed: the run dir now holds this branch only
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     return RunPlan(run_dir=run_dir, model_dir=model_dir, tokenizer_file=tokenizer_file, hf_config=hf_config,
                    identity=identity, checkpoint=checkpoint, universal=universal, start_step=start_step,

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from shortened.config import ConfigError, DistillConfig
+from shortened.model_dir import check_model_dir
 from shortened.modeling import train_flops_per_token
 from shortened.tokenizer import TokenizerNotFound, load_tokenizer
 from shortened.train.engine import hf_config_dict, precision_dtype
@@ -19,34 +20,36 @@ from shortened.train.engine import hf_config_dict, precision_dtype
 
 def check_teacher(distill: DistillConfig, student_config: dict[str, Any], student_dir: Path, tokenizer_sha256: str,
                   seq_len: int) -> None:
-    """Refuse a teacher whose logits do not line up with the student's, before any weights are loaded.
+    """Refuse a teacher whose logits do not line up with the student's, before any weights are loaded: the KL
+    compares both models' distributions over one vocabulary position by position."""
+    check_same_token_space(Path(distill.teacher), "distill.teacher", "the KL needs one vocabulary", student_config,
+                           student_dir, tokenizer_sha256, seq_len)
 
-    The KL compares both models' distributions over one vocabulary position by position: another vocabulary size, or
-    another tokenizer with the same size, would train the student towards the wrong tokens.
-    """
-    teacher_dir = Path(distill.teacher)
-    config_file = teacher_dir / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"distill.teacher={teacher_dir}: no such Hugging Face model directory ({config_file} is "
-                          "missing)")
-    teacher_config = hf_config_dict(teacher_dir)
-    teacher_vocab, student_vocab = teacher_config.get("vocab_size"), student_config.get("vocab_size")
-    if teacher_vocab != student_vocab:
-        raise ConfigError(f"distill.teacher={teacher_dir} has vocab_size={teacher_vocab}, the student "
-                          f"model.init_from={student_dir} has vocab_size={student_vocab}: the KL needs one vocabulary")
+
+def check_same_token_space(model_dir: Path, key: str, why: str, student_config: dict[str, Any], student_dir: Path,
+                           tokenizer_sha256: str, seq_len: int) -> None:
+    """Refuse a model that scores the student's shards (a distillation teacher, dynamic loading's reference) when
+    its ids would mean other tokens than the student's: another vocabulary size, another tokenizer of the same size
+    (its losses would be of other text), or fewer positions than a training sequence. `key` names the setting,
+    `why` what depends on it."""
+    check_model_dir(model_dir, key)  # every rank loads it after this check, where a bad file is a traceback
+    other_config = hf_config_dict(model_dir)
+    other_vocab, student_vocab = other_config.get("vocab_size"), student_config.get("vocab_size")
+    if other_vocab != student_vocab:
+        raise ConfigError(f"{key}={model_dir} has vocab_size={other_vocab}, the student model.init_from={student_dir} "
+                          f"has vocab_size={student_vocab}: {why}")
     try:
-        teacher_tokenizer = load_tokenizer(teacher_dir)
+        other_tokenizer = load_tokenizer(model_dir)
     except TokenizerNotFound:
-        raise ConfigError(f"distill.teacher={teacher_dir} has no tokenizer.model / tokenizer.json to compare with the "
-                          f"student's; copy the student's tokenizer there if they share it") from None
-    if teacher_tokenizer.sha256 != tokenizer_sha256:
-        raise ConfigError(f"distill.teacher={teacher_dir} has tokenizer {teacher_tokenizer.path.name} with sha256 "
-                          f"{teacher_tokenizer.sha256[:12]}..., the student model.init_from={student_dir} and its data "
+        raise ConfigError(f"{key}={model_dir} has no tokenizer.model / tokenizer.json to compare with the student's; "
+                          "copy the student's tokenizer there if they share it") from None
+    if other_tokenizer.sha256 != tokenizer_sha256:
+        raise ConfigError(f"{key}={model_dir} has tokenizer {other_tokenizer.path.name} with sha256 "
+                          f"{other_tokenizer.sha256[:12]}..., the student model.init_from={student_dir} and its data "
                           f"use sha256 {tokenizer_sha256[:12]}...: the same ids would mean other tokens")
-    max_positions = teacher_config.get("max_position_embeddings")
+    max_positions = other_config.get("max_position_embeddings")
     if max_positions is not None and seq_len > max_positions:
-        raise ConfigError(f"data.seq_len={seq_len} exceeds distill.teacher={teacher_dir}'s "
-                          f"max_position_embeddings={max_positions}")
+        raise ConfigError(f"data.seq_len={seq_len} exceeds {key}={model_dir}'s max_position_embeddings={max_positions}")
 
 
 def load_teacher(distill: DistillConfig, precision: str, device: torch.device, attn_implementation: str
