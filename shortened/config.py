@@ -52,8 +52,9 @@ class ModelConfig:
                                  "continue")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in backward: less memory, "
                                                     "~1/3 more compute")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
-        "sdpa", "attention kernel of the Hugging Face model (flash_attention_2 needs flash-attn and a GPU)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = setting(
+        "sdpa", "attention kernel of the Hugging Face model (flash_attention_2 needs flash-attn and a GPU, "
+                "flash_attention_3 its Hopper build, flash_attn_interface)")
     liger: bool = setting(False, "Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (CUDA only; pip install -e '.[gpu]'); "
                                  "refused at start where it cannot run")
 
@@ -111,7 +112,8 @@ class DataConfig:
         False, "attend only within each document of a packed sequence (position ids restart at every <s>). Off by "
                "default: the published CPT, like LLaMA's pretraining, lets packed documents attend to each other. "
                "With sdpa/eager it materializes a (seq_len x seq_len) mask per sequence; on GPUs use "
-               "model.attn_implementation=flash_attention_2")
+               "model.attn_implementation=flash_attention_2, which gets each document as its own variable-length "
+               "sequence. A kernel that can do neither is refused at start")
     mixture: dict[str, float] | None = setting(
         None, "static mixture weights by source, e.g. {RedPajamaC4: 0.5, RedPajamaGithub: 0.5} (normalised to sum "
               "1): each step's global batch takes each source's share from that source's own shuffled order; a "

@@ -130,22 +130,22 @@ class ReferenceFlash:
         return out.transpose(1, 2)
 
 
-@pytest.fixture
-def flash_model(monkeypatch):
-    """A tiny Llama whose attention is transformers' flash_attention_2 path, on the reference kernel."""
+@pytest.fixture(params=["flash_attention_2", "flash_attention_3"])
+def flash_model(request, monkeypatch):
+    """A tiny Llama whose attention is transformers' flash-attention path, on the reference kernel."""
     kernel = ReferenceFlash()
     monkeypatch.setattr(fa_utils, "_lazy_imports", lambda *args, **kwargs: (
         kernel.dense, kernel.varlen, None, fa_utils._pad_input, fa_utils._unpad_input))
     monkeypatch.setattr(fa_utils, "_loaded_implementation", None)  # forget any kernel loaded before
     model = build_tiny_llama(seed=0, num_layers=2, num_heads=4, num_kv_heads=2)
-    model.config._attn_implementation = "flash_attention_2"  # set_attn_implementation would look for flash-attn
+    model.config._attn_implementation = request.param  # set_attn_implementation would look for flash-attn
     return model, kernel
 
 
 def test_flash_attention_gets_every_document_as_a_varlen_sequence(batch, alone, flash_model):
     model, kernel = flash_model
     positions = batch["position_ids"]
-    varlen = document_mask_inputs(run_config("flash_attention_2"), model)
+    varlen = document_mask_inputs(run_config(model.config._attn_implementation), model)
     assert varlen
     # The bounds are those transformers itself takes from the micro-batch packed into one row, the form its
     # position-id path recognises (`_is_packed_sequence`, true only for a batch of one row).

@@ -151,6 +151,8 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         shape, hidden_dtype, weight_dtype = ctx.shapes_dtypes
-        hidden_out = None if grad_hidden is None else (grad_hidden * grad_total).to(hidden_dtype).reshape(shape)
-        weight_out = None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype)
+        # Scaled in place: a copy of the head-sized gradient would be the step's largest buffer. The stored
+        # gradients serve this one backward (a second one, through retain_graph, is not supported).
+        hidden_out = None if grad_hidden is None else grad_hidden.mul_(grad_total).to(hidden_dtype).reshape(shape)
+        weight_out = None if grad_weight is None else grad_weight.mul_(grad_total).to(weight_dtype)
         return hidden_out, weight_out, None, None, None, None, None, None
