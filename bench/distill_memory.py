@@ -83,6 +83,16 @@ def child(args: argparse.Namespace) -> None:
     small = [tensor.detach().clone().requires_grad_(tensor.requires_grad) for tensor in small]
     loss_of(*small, input_ids[:1, :4] % 64).backward()
     del small
+    peak, seconds, loss = measure_peak(lambda: loss_of(student_hidden, weight, teacher_hidden, teacher_weight,
+                                                       input_ids), device)
+    print(json.dumps({"peak": peak, "seconds": seconds, "loss": loss, "device": device.type}))
+
+
+def measure_peak(loss_step, device) -> tuple[int, float, float]:
+    """(peak bytes above the allocation before, seconds, loss value) of `loss_step()` and its backward: on CUDA the
+    caching allocator's count, on CPU the rise of the process's peak RSS (VmHWM, reset here)."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -91,15 +101,14 @@ def child(args: argparse.Namespace) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
         before = rss_kib("VmRSS") * 1024
     start = time.perf_counter()
-    loss = loss_of(student_hidden, weight, teacher_hidden, teacher_weight, input_ids)
+    loss = loss_step()
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
         peak = rss_kib("VmHWM") * 1024 - before
-    print(json.dumps({"peak": peak, "seconds": time.perf_counter() - start, "loss": float(loss.detach()),
-                      "device": device.type}))
+    return peak, time.perf_counter() - start, float(loss.detach())
 
 
 def available_bytes() -> int:
