@@ -15,9 +15,9 @@ from shortened.config import ConfigError, PrepareConfig  # noqa: E402
 from shortened.data.prepare import BadInputError, prepare_shards  # noqa: E402
 from shortened.data.shards import ShardFormatError  # noqa: E402
 from shortened.data.sources import InputError  # noqa: E402
-from shortened.tokenizer import TokenizerNotFound  # noqa: E402
+from shortened.tokenizer import TokenizerNotFound, TokenizerUnreadable  # noqa: E402
 
-BAD_INPUT = (InputError, TokenizerNotFound, ConfigError, ShardFormatError)
+BAD_INPUT = (InputError, TokenizerNotFound, TokenizerUnreadable, ConfigError, ShardFormatError)
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:

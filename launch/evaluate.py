@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EvalC
     parser.add_argument("--config", help="YAML of eval settings (the keys of EvalConfig); the flags below override it")
     cli.add_dataclass_arguments(parser, EvalConfig, only=EVAL_FLAGS, overrides=True)
     parser.add_argument("--output", help="write {task: {metric: value}} here")
+    parser.add_argument("--results", help="write the rows here, one JSON line each as in results.jsonl: value, "
+                                          "stderr, samples, primary metric")
     parser.add_argument("--validation-shards", default="", help="held-out token shards: adds the validation loss")
     cli.add_device_arguments(parser)
     args = parser.parse_args(argv)
@@ -38,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EvalC
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = evaluate_model(args.model, config, args.device, args.dtype, args.output, args.validation_shards)
+    rows = evaluate_model(args.model, config, args.device, args.dtype, args.output, args.validation_shards,
+                          args.results)
     return 1 if any(row["status"] != "ok" for row in rows) else 0
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ def test_print_config_of_a_bad_override_is_one_error_line(capsys):
 @pytest.mark.parametrize("override, fragment", [
     ("distill.temperature=inf", "distill.temperature: inf must be finite and positive"),
     ("distill.kd_weight=nan", "distill.kd_weight: nan must be finite and >= 0"),
+    ("optim.lr=inf", "optim.lr: inf must be finite and positive"),
 ])
-def test_a_non_finite_distillation_setting_is_refused(override, fragment, capsys):
-    """temperature=inf used to pass (inf > 0) and the first step's loss was NaN."""
+def test_a_non_finite_float_setting_is_refused(override, fragment, capsys):
+    """temperature=inf and optim.lr=inf used to pass (inf > 0) and the first step's loss was NaN."""
     code = cpt_main(["--config", str(RECIPE), "--print-config", "distill.teacher=some/model", override])
     assert_one_error_line(code, capsys.readouterr().err, fragment)
 

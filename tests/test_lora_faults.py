@@ -1,6 +1,7 @@
 """LoRA retraining's faults done through its command line (launch/lora.py, forked warm): examples that --cutoff-len
 cuts to no loss tokens are counted, and none left to learn from is an error (Alpaca, Vicuna's template and a Llama-3
-chat template alike); a resume refuses a data file whose content changed since its checkpoints."""
+chat template alike); a resume refuses a data file whose content changed since its checkpoints; a non-finite float
+flag is refused under its own key."""
 from __future__ import annotations
 
 import json
@@ -167,3 +168,19 @@ def test_a_resume_refuses_a_data_file_whose_content_changed_since_its_checkpoint
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {newest}" in resumed.stdout
     assert [r["step"] for r in log_of(out)] == list(range(1, 49))
+
+
+# ------------------------------------------------------------------------------ float flags
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--lr", "nan", "lora.lr"),  # was reported as lora.epochs (one check of both)
+    ("--lr", "inf", "lora.lr"),  # passed (inf > 0)
+    ("--max-grad-norm", "nan", "lora.max_grad_norm"),  # was reported as lora.warmup_steps
+    ("--max-grad-norm", "inf", "lora.max_grad_norm"),
+    ("--dropout", "nan", "lora.dropout"),
+])
+def test_a_non_finite_float_flag_is_refused_under_its_own_key(flag, value, key, tmp_path):
+    result = run_lora(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.json"), "--out",
+                       str(tmp_path / "run"), flag, value])
+    error_line(result, f"command line: {key}: ", value)

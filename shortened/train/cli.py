@@ -129,6 +129,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
                         help="default: the training precision, which reproduces the trained logits exactly")
     args = parser.parse_args(argv)
     setup_logging()
+    from shortened.tokenizer import TokenizerUnreadable
     from shortened.train.checkpoint import CheckpointError
     from shortened.train.export import export_hf
 
@@ -136,4 +137,4 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         print(f"exported {args.checkpoint} -> {export_hf(args.checkpoint, args.out, args.dtype)}")
         return 0
 
-    return cli.run(export, (CheckpointError,))
+    return cli.run(export, (CheckpointError, TokenizerUnreadable))
