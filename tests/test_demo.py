@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -69,28 +70,45 @@ def demo(monkeypatch) -> ModuleType:
 
 
 def test_summary_table_shows_the_cpt_then_lora_model_beside_the_runs(demo, tmp_path, capsys):
+    """Each zero-shot figure with its stderr, from the runs' results.jsonl and from `evaluate.py --results` rows (the
+    source and the CPT => LoRA model); a perplexity has none; the metric not reported (acc_norm) stays out."""
+    def rows(piqa: tuple[float, float], ppl: float, **extra) -> list[dict]:
+        return [{"task": "piqa", "metric": "acc", "value": piqa[0], "stderr": piqa[1], "status": "ok", "primary": True,
+                 **extra},
+                {"task": "piqa", "metric": "acc_norm", "value": 0.2, "stderr": 0.01, "status": "ok", "primary": False,
+                 **extra},
+                {"task": "wikitext2", "metric": "ppl", "value": ppl, "stderr": None, "status": "ok", "primary": True,
+                 **extra}]
+
+    def write(path, lines: list[dict]) -> None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
     runs = {"pruned + CPT": tmp_path / "cpt", "pruned + CPT + KD": tmp_path / "cpt_kd"}
     for offset, run in enumerate(runs.values()):
         run.mkdir()
-        rows = [{"step": step, "task": task, "metric": metric, "value": value + step / 100 + offset / 10,
-                 "status": "ok"} for step in (0, 16) for task, metric, value in (("piqa", "acc", 0.5),
-                                                                                  ("wikitext2", "ppl", 900.0))]
-        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write(run / "results.jsonl", [row for step in (0, 16) for row in rows(
+            (0.5 + step / 100 + offset / 10, 0.08 - step / 1000), 900.0 + step / 100 + offset / 10, step=step)])
     (tmp_path / "pruned").mkdir()
     (tmp_path / "pruned" / "prune_report.json").write_text(json.dumps({"removed_blocks": [2]}))
-    source_eval, tuned_eval = tmp_path / "source_eval.json", tmp_path / "cpt_lora_eval.json"
-    source_eval.write_text(json.dumps({"piqa": {"acc": 0.61, "acc_norm": 0.6}, "wikitext2": {"ppl": 800.0}}))
-    tuned_eval.write_text(json.dumps({"piqa": {"acc": 0.7, "acc_norm": 0.2}, "wikitext2": {"ppl": 700.5}}))
+    source_rows, tuned_rows = tmp_path / "source_eval.jsonl", tmp_path / "cpt_lora_eval.jsonl"
+    write(source_rows, rows((0.61, 0.0487), 800.0))
+    write(tuned_rows, rows((0.7, 0.0458), 700.5) + [{"task": "piqa", "metric": "acc", "value": None, "stderr": None,
+                                                     "status": "failed", "primary": True}])
     merged = tmp_path / "cpt_lora" / "merged"
-    demo.print_summary(tmp_path, tmp_path / "source", tmp_path / "pruned", runs, source_eval, demo.QUICK,
-                       {"pruned + CPT + LoRA (4 steps)": (merged, tuned_eval)})
+    demo.print_summary(tmp_path, tmp_path / "source", tmp_path / "pruned", runs, source_rows, demo.QUICK,
+                       {"pruned + CPT + LoRA (4 steps)": (merged, tuned_rows)})
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("task"))
-    assert header.split()[-6:] == ["+", "CPT", "+", "LoRA", "(4", "steps)"]
-    table = {line.split()[0]: line.split()[2:] for line in lines if line.split()[:1] in (["piqa"], ["wikitext2"])}
-    assert table == {"piqa": ["0.6100", "0.5000", "0.6600", "0.7600", "0.7000"],
+    assert re.split(r"\s{2,}", header.strip()) == ["task", "metric", "source (4 blocks)", "pruned (3)",
+                                                   "pruned + CPT (16 steps)", "pruned + CPT + KD (16 steps)",
+                                                   "pruned + CPT + LoRA (4 steps)"]
+    table = {line.split()[0]: re.split(r"\s{2,}", line.strip())[2:] for line in lines
+             if line.split()[:1] in (["piqa"], ["wikitext2"])}
+    assert table == {"piqa": ["0.6100 ± 0.0487", "0.5000 ± 0.0800", "0.6600 ± 0.0640", "0.7600 ± 0.0640",
+                              "0.7000 ± 0.0458"],
                      "wikitext2": ["800.0000", "900.0000", "900.1600", "900.2600", "700.5000"]}
-    assert any(str(merged) in line for line in lines) and any(str(tuned_eval) in line for line in lines)
+    assert any("stderr" in line and "8 rows per task" in line for line in lines)
+    assert any(str(merged) in line for line in lines) and any(str(tuned_rows) in line for line in lines)
 
 
 def test_the_cpt_then_lora_conversations_are_rows_the_evaluation_does_not_read(demo, tmp_path):
