@@ -9,15 +9,15 @@ model"):
    model directory's tokenizer.json; documents framed with <|endoftext|>, its document_tokens.json);
 3. score its 30 blocks with the PPL criterion and remove 20 % of the parameters (7 blocks, 23 kept). Why 20 %: it is
    the paper's mildest ratio (Vicuna-7B -> 5.5B), the damage is large (calibration PPL roughly doubles) yet the 23-block
-   model keeps enough to recover measurably within the ~25k tokens per run this box affords; at a severe ratio
+   model keeps enough to recover measurably within the ~16k tokens per run this box affords; at a severe ratio
    (>= 60 %) the same tokens would recover a small fraction of the gap, and the demo would show little but damage;
 4. evaluate the unpruned model: PIQA and ARC-Easy zero-shot (the tasks a 135M model answers clearly above chance,
    cheap enough to score several times), WikiText-2 perplexity and the SlimPajama validation loss, all at 32 rows /
    windows / sequences. At 32 rows a zero-shot accuracy's stderr is ~0.08-0.09: the table prints it, and a
    difference below about twice that is noise. Perplexity and validation loss are the reliable signals here;
 5. continue pretraining the pruned model with DeepSpeed ZeRO-2 on 2 CPU ranks (fp32 on a CPU without bf16 kernels,
-   seq 128, 8 sequences a step, lr 1e-4, 24 steps = 24,576 tokens, a checkpoint every 12), evaluating inline at
-   steps 0 and 24 only (each point costs about as much as 12 training steps), twice from the same start with the
+   seq 128, 8 sequences a step, lr 1e-4, 16 steps = 16,384 tokens, a checkpoint every 8), evaluating inline at
+   steps 0 and 16 only (each point costs about as much as 10 training steps), twice from the same start with the
    same tokens: plain, and distilled from the unpruned SmolLM2 (distill.teacher);
 6. with --cpt-lora, the v2 paper's CPT => LoRA: export the plain CPT run's last checkpoint as a Hugging Face model,
    instruction-tune it with LoRA on conversations (BoolQ and PIQA rows the evaluation does not read, rendered with
@@ -32,12 +32,15 @@ average at 5-13 (so wall times are 2-4x an idle box's; CPU-s, the processes' own
 figure, and on an idle box wall ~ CPU-s / 2 for these 2-way jobs):
   data prep, train + validation        21 s       13 CPU-s
   PPL pruning (30 blocks, 8 x 128)   1104 s      411 CPU-s
-  source evaluation                  ~325 s     ~200 CPU-s  (a probe at the same sizes: PIQA 46 s, ARC-Easy 98 s,
-                                                             WikiText-2 120 s, validation 60 s; HellaSwag, not run,
-                                                             alone took 230 s at 32 rows)
-  plain CPT, KD CPT                  not measured in a full run yet (README.md, "make demo")
-Projected on an idle box from the FLOPs and those CPU seconds: ~3 min of setup (virtualenv 171 s, the model's fetch
-and import 1-2 min), then ~17-25 min of demo; the budget is 25 min.
+  source evaluation                   465 s      256 CPU-s  (PIQA 126 s, ARC-Easy 154 s, WikiText-2 112 s, validation
+                                                             57 s; HellaSwag, left out, took 230 s alone at 32 rows)
+  plain CPT, KD CPT                  not yet measured in a full run (the session ran out of time under that load)
+Projection for an idle box (wall ~ CPU-s / 2, training at the 60-80 tokens/s measured under load, KD at 1.42x the
+step time, each inline evaluation of the 23-block model ~0.8x the source's): setup ~4.5 min (virtualenv 171 s, the
+model's fetch and import 1-2 min), data prep 0.3, pruning 3.5, source evaluation 2, plain CPT ~9.5 (training 5-6.5,
+two evaluation points 3.5), KD CPT ~11.5 at 24 CPT steps: ~31 min, over the 25-minute budget; hence 16 steps (-4.5
+min: ~26.5 min at the loaded box's training speed, less on an idle one). If an idle run still exceeds 25 min, the
+next cuts are 4 calibration windows (-2 min) and 24 evaluation rows (-2 min).
 Every step is skipped when its output is already there (a training run that was stopped resumes from its newest
 checkpoint), so a second run finishes quickly; each step prints its wall seconds and its processes' CPU seconds.
 """
@@ -91,7 +94,7 @@ class Sizes:
 # A fresh clone's `make demo` (venv and model import included) must finish in 25 minutes on 2 cores: both CPT runs
 # get the same budget; the evaluation is what the budget leaves (module docstring).
 FULL = Sizes(real_model=True, layers=30, hidden=576, remove=0, ratio=0.2, calib_samples=8, seq_len=128,
-             pretrain_steps=0, cpt_steps=24, lr=1e-4, eval_every=24, eval_limit=32,
+             pretrain_steps=0, cpt_steps=16, lr=1e-4, eval_every=16, eval_limit=32,
              tasks=("piqa", "arc_easy", "wikitext2"), lora_examples=64)
 QUICK = Sizes(real_model=False, layers=4, hidden=64, remove=1, ratio=0.0, calib_samples=10, seq_len=64,
               pretrain_steps=30, cpt_steps=16, lr=0.0, eval_every=8, eval_limit=8,
