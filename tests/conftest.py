@@ -37,6 +37,7 @@ LONGEST_FIRST = ("test_train_dist.py",  # ~450 s
                  "test_preemption.py",  # ~400
                  "test_demo.py",  # ~300
                  "test_tied.py",  # 65-150 on a loaded box
+                 "test_train_compile.py",  # 110-150 with inductor's cache warm, ~450 cold on a loaded box
                  "test_lora.py", "test_prune.py", "test_eval_watch.py", "test_eval_dist.py",  # 45-70
                  "test_mixture.py", "test_llama3.py", "test_dynamic.py",  # ~60-110 on a loaded box
                  "test_train_distill.py", "test_multinode.py", "test_eval_zero_shot.py")  # 35-45
