@@ -34,7 +34,9 @@ figure, and on an idle box wall ~ CPU-s / 2 for these 2-way jobs):
   PPL pruning (30 blocks, 8 x 128)   1104 s      411 CPU-s
   source evaluation                   465 s      256 CPU-s  (PIQA 126 s, ARC-Easy 154 s, WikiText-2 112 s, validation
                                                              57 s; HellaSwag, left out, took 230 s alone at 32 rows)
-  plain CPT, KD CPT                  not yet measured in a full run (the session ran out of time under that load)
+  plain CPT, the whole step           971 s      638 CPU-s  (evaluation at step 0: 127 s on the 2 ranks, at step
+                                                             16: 61 s; 16 training steps 467 s, 25-50 s a step)
+  KD CPT                              not measured in a full run (the session ran out of time); ~1.42x the step time
 Projection for an idle box (wall ~ CPU-s / 2, training at the 60-80 tokens/s measured under load, KD at 1.42x the
 step time, each inline evaluation of the 23-block model ~0.8x the source's): setup ~4.5 min (virtualenv 171 s, the
 model's fetch and import 1-2 min), data prep 0.3, pruning 3.5, source evaluation 2, plain CPT ~9.5 (training 5-6.5,
