@@ -1,0 +1,346 @@
+"""The paper's claims measured on a real pretrained model, SmolLM2-135M, through the system's own commands.
+
+    python bench/recovery.py criteria [--work bench_out/recovery] [--ratios 0.2 0.35] [--limit 200]
+                                      [--ppl-windows 200] [--zero-shot all | source ppl_0.2 ...]
+    python bench/recovery.py recovery [--recovery-ratios 0.2 0.6] [--tokens 40960] [--points 4]
+    python bench/recovery.py efficiency [--work ...]
+    python bench/recovery.py report [--work ...]          # the tables again, from what the work folder holds
+
+The model is the one `make models` imports (launch/fetch_smollm2.py: SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI,
+dequantized to float32): 30 blocks, hidden 576, GQA 9/3, vocabulary 49,152, tied embeddings.
+
+criteria (the v1 paper's Table 2 at small scale): every criterion of `launch/prune.py` removes blocks one-shot at
+    each --ratios share of the parameters (the block count from shortened/prune/budget.py), each pruned model is
+    scored by `launch/evaluate.py` on the seven zero-shot tasks (--limit rows each, the shared rows hold 200) and
+    WikiText-2 / PTB perplexity (--limit windows of 128 tokens), as is the unpruned source. Protection as each
+    criterion's paper uses it: PPL, BI (ShortGPT) and angular (Gromov et al.) none; Taylor+ and Magnitude+ keep the
+    first 4 and last 2 blocks. Calibration: 10 windows of 128 tokens of the shared SlimPajama validation split
+    (the published protocol), seed 1234.
+recovery (the v2 paper's CPT vs LoRA, Minitron's KD vs next-token loss): from each PPL-pruned model (the same start
+    for every arm), on the same SlimPajama sample tokenized by SmolLM2's tokenizer (256-token sequences):
+    `cpt`, `deepspeed launch/cpt.py` (tiny-cpu.yaml: 2 CPU ranks, ZeRO-2; fp32, 8 sequences a step, AdamW
+    0.9/0.95, wd 0.1, lr 1e-4 cosine, seed 1234); `kd`, the same with distill.teacher = the unpruned
+    model (KL only, T 1); `lora`, `launch/lora.py` (r 8 on every projection, lr 1e-4, 8 examples a step) on the
+    train split's documents as plain-text records, about --tokens of them. CPT and KD evaluate inline at step 0 and
+    every --tokens / --points: WikiText-2 perplexity (--ppl-windows) and the loss on the validation shards; the
+    LoRA arm is evaluated once, merged, at its end. Reported: each curve, and the tokens KD needs to reach plain
+    CPT's final WikiText-2 perplexity (interpolated between points; goal: at most half of CPT's).
+efficiency: `bench/efficiency.py` on the source and the PPL-pruned models (batch 1 and 16, 128 new tokens).
+
+Every command's output is kept under --work and a command whose output is there is not run again, so the bench
+resumes where it was stopped and a report can be printed while it runs. Seeds are fixed (calibration 1234); the
+zero-shot figures carry lm-eval's stderr (binomial, over --limit rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+EVAL_DATA = SHARED / "eval"
+SAMPLE = SHARED / "slimpajama-sample"
+CALIB = SAMPLE / "validation"
+MODEL = ROOT / "models" / "smollm2-135m"
+RECIPE = ROOT / "configs" / "cpt" / "tiny-cpu.yaml"
+ZERO_SHOT = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+PERPLEXITY = ("wikitext2", "ptb")
+EVALUATE = (sys.executable, "launch/evaluate.py", "--data-dir", EVAL_DATA, "--device", "cpu")
+# criterion -> launch/prune.py's protection flags, as each criterion's paper prunes
+CRITERIA: dict[str, tuple[str, ...]] = {
+    "ppl": ("--no-protect",),
+    "taylor": ("--protect-first", "4", "--protect-last", "2"),  # Taylor+
+    "magnitude": ("--protect-first", "4", "--protect-last", "2"),  # Magnitude+
+    "bi": ("--no-protect",),
+    "angular": ("--no-protect",),
+}
+SEQ_LEN = 256
+SEQUENCES_PER_STEP = 8  # tiny-cpu.yaml: micro 2 x accumulation 2 x 2 ranks
+LABELS = {"ppl": "PPL", "taylor": "Taylor+", "magnitude": "Magnitude+", "bi": "BI", "angular": "angular"}
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One model's evaluation: zero-shot accuracies with stderr, their mean, perplexities."""
+
+    accuracy: dict[str, tuple[float, float | None]]  # task -> (value, stderr) of its reported metric
+    perplexity: dict[str, float]
+
+    @property
+    def mean(self) -> tuple[float, float]:
+        """The 7-task mean and its stderr (the tasks' errors independent: sqrt(sum se^2) / n)."""
+        values = [value for value, _ in self.accuracy.values()]
+        errors = [se or 0.0 for _, se in self.accuracy.values()]
+        return sum(values) / len(values), math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def run(title: str, cmd: list, done: Path) -> None:
+    """Run one real command unless `done` exists; its output goes to the console."""
+    if done.exists():
+        print(f"==> {title}: already there ({done})", flush=True)
+        return
+    print(f"\n==> {title}\n$ {' '.join(map(str, cmd))}", flush=True)
+    # as make runs it: one thread a process (two ranks and the benches share 2 cores), the venv's tools first (its
+    # ninja: DeepSpeed's CPU op is not rebuilt), DeepSpeed on the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    started = time.monotonic()
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, env=env)
+    print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
+
+
+def perplexity(model: Path, name: str, args: argparse.Namespace) -> None:
+    """WikiText-2 and PTB perplexity (--ppl-windows windows of 128 tokens), rows in WORK/eval/NAME.ppl.jsonl."""
+    out = args.work / "eval" / f"{name}.ppl.jsonl"
+    run(f"perplexity of {name}", [*EVALUATE, "--model", model, "--tasks", ",".join(PERPLEXITY), "--limit",
+                                  args.ppl_windows, "--results", out], done=out)
+
+
+def zero_shot(model: Path, name: str, args: argparse.Namespace) -> None:
+    """The seven zero-shot tasks (--limit rows each) when --zero-shot names the model, rows (with lm-eval's
+    stderr) in WORK/eval/NAME.zs.jsonl."""
+    if "all" in args.zero_shot or name in args.zero_shot:
+        out = args.work / "eval" / f"{name}.zs.jsonl"
+        run(f"zero-shot tasks of {name}", [*EVALUATE, "--model", model, "--tasks", ",".join(ZERO_SHOT), "--limit",
+                                           args.limit, "--results", out], done=out)
+
+
+def read_scores(work: Path, name: str) -> Scores | None:
+    """What WORK/eval holds of one model (None: not evaluated yet)."""
+    files = [work / "eval" / f"{name}.{kind}.jsonl" for kind in ("ppl", "zs")]
+    if not files[0].is_file():
+        return None
+    rows = [json.loads(line) for file in files if file.is_file() for line in file.read_text().splitlines()]
+    ok = [r for r in rows if r["status"] == "ok" and r["primary"]]
+    accuracy = {r["task"]: (r["value"], r["stderr"]) for r in ok if r["task"] in ZERO_SHOT}
+    perplexity = {r["task"]: r["value"] for r in ok if r["task"] in PERPLEXITY}
+    return Scores(accuracy, perplexity)
+
+
+def prune(criterion: str, ratio: float, work: Path) -> Path:
+    out = work / "pruned" / f"{criterion}_{ratio:g}"
+    run(f"prune by {LABELS[criterion]} at {ratio:.0%} of the parameters",
+        [sys.executable, "launch/prune.py", "--model", MODEL, "--criterion", criterion, "--ratio", ratio,
+         "--calib", CALIB, "--calib-samples", 10, "--calib-len", 128, "--seed", 1234, "--device", "cpu",
+         *CRITERIA[criterion], "--out", out], done=out / "prune_report.json")
+    return out
+
+
+def criteria(args: argparse.Namespace) -> None:
+    """Every pruned model and its perplexities first (minutes each), then the zero-shot tasks (the long part)."""
+    models = {"source": MODEL}
+    for ratio in args.ratios:
+        for criterion in CRITERIA:
+            pruned = prune(criterion, ratio, args.work)
+            models[pruned.name] = pruned
+    for name, model in models.items():
+        perplexity(model, name, args)
+    for name, model in models.items():
+        zero_shot(model, name, args)
+    report(args)
+
+
+def prepare_shards(args: argparse.Namespace) -> dict[str, Path]:
+    """The shared sample's train and validation splits in SmolLM2's tokens (`<|endoftext|>`-framed documents)."""
+    shards = {split: args.work / "shards" / split for split in ("train", "validation")}
+    for split, out in shards.items():
+        run(f"prepare the {split} split", [sys.executable, "data_prep/slimpajama.py", "--input", SAMPLE, "--split",
+                                           split, "--tokenizer", MODEL, "--output", out, "--seq-len", SEQ_LEN,
+                                           "--workers", 2, "--no-progress"], done=out / "manifest.json")
+    return shards
+
+
+def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.Namespace, *extra: str) -> Path:
+    """One `deepspeed launch/cpt.py` run from `pruned` on 2 CPU ranks, evaluated inline at step 0 and --points times."""
+    from shortened.ports import free_port
+
+    steps = args.tokens // (SEQUENCES_PER_STEP * SEQ_LEN)
+    every = max(1, steps // args.points)
+    run_dir = args.work / "recovery" / f"{name}_{pruned.name}"
+    cmd = [Path(sys.executable).parent / "deepspeed", "--num_gpus", 2, "--master_port", free_port(), "launch/cpt.py",
+           "--config", RECIPE, f"model.init_from={pruned}", f"data.path={shards['train']}", f"data.seq_len={SEQ_LEN}",
+           f"train.max_tokens={steps * SEQUENCES_PER_STEP * SEQ_LEN}", "train.precision=fp32", "train.seed=1234",
+           "optim.lr=1e-4", f"optim.warmup_steps={max(1, steps // 20)}", f"checkpoint.every_steps={every}",
+           "log.every_steps=1", "log.tensorboard=false", "eval.mode=inline", f"eval.every_steps={every}",
+           f"eval.data_dir={EVAL_DATA}", "eval.tasks=[wikitext2]", f"eval.limit={args.ppl_windows}",
+           f"data.validation_path={shards['validation']}", f"run_dir={run_dir}", *extra]
+    run(f"{name} from {pruned.name}: {steps} steps of {SEQUENCES_PER_STEP} x {SEQ_LEN} tokens", cmd,
+        done=_finished_marker(run_dir, steps))
+    return run_dir
+
+
+def _finished_marker(run_dir: Path, steps: int) -> Path:
+    """The run's last checkpoint's marker: there only when every step (and its evaluation) is done."""
+    return run_dir / "checkpoints" / f"step_{steps:08d}" / "complete.json"
+
+
+def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) -> Path:
+    """LoRA on the train split's documents (about --tokens of them), merged and evaluated like the others."""
+    from shortened.tokenizer import load_tokenizer
+
+    out = args.work / "recovery" / f"lora_{pruned.name}"
+    data = args.work / "recovery" / f"lora_text_{args.tokens}.jsonl"
+    if not data.is_file():
+        tokenizer, budget, records = load_tokenizer(MODEL), args.tokens, []
+        for text in _documents(SAMPLE / "train"):
+            if budget <= 0:
+                break
+            records.append({"text": text})
+            budget -= min(SEQ_LEN, 2 + len(tokenizer.encode(text)))
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run(f"LoRA from {pruned.name} on {data.name}",
+        [sys.executable, "launch/lora.py", "--model", pruned, "--data", data, "--out", out, "--epochs", 1,
+         "--lr", 1e-4, "--micro-batch-size", 2, "--grad-accum", 4, "--cutoff-len", SEQ_LEN, "--warmup-steps", 2,
+         "--seed", 1234, "--dtype", "float32", "--device", "cpu"], done=out / "merged" / "config.json")
+    rows = out / "eval.jsonl"
+    run(f"evaluate LoRA from {pruned.name}", [*EVALUATE, "--model", out / "merged", "--tasks", "wikitext2", "--limit",
+                                              args.ppl_windows, "--validation-shards", shards["validation"],
+                                              "--results", rows], done=rows)
+    return out
+
+
+def _documents(split: Path) -> Iterator[str]:
+    """The texts of a SlimPajama-layout split (chunkN/*.jsonl.zst), in file order."""
+    import io
+
+    import zstandard
+
+    for path in sorted(split.glob("chunk*/*.jsonl.zst")):
+        with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream:
+            for line in io.TextIOWrapper(stream, encoding="utf-8"):
+                if line.strip():
+                    yield json.loads(line)["text"]
+
+
+def recovery(args: argparse.Namespace) -> None:
+    shards = prepare_shards(args)
+    teacher_rows = args.work / "eval" / "source_recovery.jsonl"
+    run("evaluate the unpruned model on the same windows and validation sequences",
+        [*EVALUATE, "--model", MODEL, "--tasks", "wikitext2", "--limit", args.ppl_windows, "--validation-shards",
+         shards["validation"], "--results", teacher_rows], done=teacher_rows)
+    for ratio in args.recovery_ratios:
+        pruned = prune("ppl", ratio, args.work)
+        train_arm("cpt", pruned, shards, args)
+        train_arm("kd", pruned, shards, args, f"distill.teacher={MODEL}")
+        lora_arm(pruned, shards, args)
+    recovery_report(args)
+
+
+def recovery_report(args: argparse.Namespace) -> None:
+    """Per ratio: each arm's WikiText-2 PPL and validation loss over tokens, and KD's tokens to CPT's final PPL."""
+    import distill
+
+    lines = []
+    for ratio in args.recovery_ratios:
+        name = f"ppl_{ratio:g}"
+        curves = {arm: distill.eval_points(args.work / "recovery" / f"{arm}_{name}") for arm in ("cpt", "kd")
+                  if (args.work / "recovery" / f"{arm}_{name}" / "results.jsonl").is_file()}
+        lines.append(f"\n{name}: tokens | " + " | ".join(f"{arm} PPL / val loss" for arm in curves))
+        for index, point in enumerate(curves.get("cpt", [])):
+            cells = [f"{c[index].wikitext2_ppl:.1f} / {c[index].validation_loss:.3f}"
+                     for c in curves.values() if index < len(c) and c[index].wikitext2_ppl is not None]
+            lines.append(f"  {point.tokens:>8} | " + " | ".join(cells))
+        if len(curves) == 2 and curves["cpt"] and curves["cpt"][-1].wikitext2_ppl is not None:
+            target = curves["cpt"][-1].wikitext2_ppl
+            ppl_curve = [distill.Point(p.step, p.tokens, p.wikitext2_ppl, None) for p in curves["kd"]]
+            reach = distill.tokens_to_reach(ppl_curve, target)  # the interpolation reads validation_loss
+            share = ("never" if reach is None
+                     else f"{reach:.0f} tokens ({reach / curves['cpt'][-1].tokens:.2f} of CPT's)")
+            lines.append(f"  KD reaches CPT's final WikiText-2 PPL {target:.1f}: {share}")
+        lora_rows = args.work / "recovery" / f"lora_{name}" / "eval.jsonl"
+        if lora_rows.is_file():
+            rows = {r["task"]: r["value"] for r in map(json.loads, lora_rows.read_text().splitlines())
+                    if r["status"] == "ok" and r["primary"]}
+            log = (args.work / "recovery" / f"lora_{name}" / "train_log.jsonl").read_text().splitlines()
+            tokens = json.loads(log[-1])["tokens"]
+            lines.append(f"  LoRA after {tokens} tokens: WikiText-2 PPL {rows['wikitext2']:.1f}, validation loss "
+                         f"{rows['validation']:.3f}")
+    text = "\n".join(lines)
+    print(text)
+    (args.work / "recovery.md").write_text(text + "\n")
+
+
+def efficiency(args: argparse.Namespace) -> None:
+    models = [MODEL, *(prune("ppl", ratio, args.work) for ratio in args.ratios)]
+    out = args.work / "efficiency.json"
+    run("generation efficiency", [sys.executable, "bench/efficiency.py", *(a for m in models for a in ("--model", m)),
+                                  "--batch-sizes", 1, 16, "--output-lens", 128, "--device", "cpu", "--json", out],
+        done=out)
+
+
+def report(args: argparse.Namespace) -> None:
+    """The criteria table (markdown) from what --work holds; written to WORK/criteria.md too."""
+    work = args.work
+    lines = ["| model | blocks removed | params | WikiText-2 PPL | PTB PPL | 7-task mean ± se | "
+             + " | ".join(ZERO_SHOT) + " |", "|" + "---|" * (6 + len(ZERO_SHOT))]
+    source = read_scores(work, "source")
+    if source is not None:
+        lines.append(_row("SmolLM2-135M (30 blocks)", "-", _params(MODEL), source))
+    for ratio in args.ratios:
+        for criterion in CRITERIA:
+            pruned = work / "pruned" / f"{criterion}_{ratio:g}"
+            scores = read_scores(work, pruned.name)
+            if scores is None:
+                continue
+            removed = sorted(json.loads((pruned / "prune_report.json").read_text())["removed_blocks"])
+            lines.append(_row(f"{LABELS[criterion]} {ratio:.0%} ({30 - len(removed)} blocks)",
+                              " ".join(map(str, removed)), _params(pruned), scores))
+    table = "\n".join(lines)
+    print(table)
+    (work / "criteria.md").write_text(table + "\n")
+
+
+def _row(name: str, removed: str, params: int, scores: Scores) -> str:
+    zero_shot = ["-"] * (1 + len(ZERO_SHOT))
+    if len(scores.accuracy) == len(ZERO_SHOT):
+        mean, se = scores.mean
+        zero_shot = [f"{100 * mean:.1f} ± {100 * se:.1f}"] + [
+            f"{100 * v:.1f} ± {100 * (s or 0):.1f}" for v, s in (scores.accuracy[t] for t in ZERO_SHOT)]
+    return (f"| {name} | {removed} | {params / 1e6:.1f}M | {scores.perplexity['wikitext2']:.1f} | "
+            f"{scores.perplexity['ptb']:.1f} | " + " | ".join(zero_shot) + " |")
+
+
+def _params(model_dir: Path) -> int:
+    """Parameters of a saved model from its config (a tied head counted once), without loading its weights."""
+    from transformers import AutoConfig
+
+    from shortened.modeling import param_count
+
+    return param_count(AutoConfig.from_pretrained(model_dir))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("criteria", "recovery", "efficiency", "report"))
+    parser.add_argument("--work", type=Path, default=ROOT / "bench_out" / "recovery")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35])
+    parser.add_argument("--limit", type=int, default=200, help="rows per zero-shot task (the shared rows hold 200)")
+    parser.add_argument("--ppl-windows", type=int, default=200, help="128-token windows per perplexity set")
+    parser.add_argument("--recovery-ratios", type=float, nargs="+", default=[0.2, 0.6])
+    parser.add_argument("--tokens", type=int, default=40960, help="training tokens of each recovery arm")
+    parser.add_argument("--points", type=int, default=4, help="inline evaluations of CPT and KD after step 0")
+    parser.add_argument("--zero-shot", nargs="+", default=["all"],
+                        help="models scored on the zero-shot tasks: all, or names (source, ppl_0.2, taylor_0.35, ...); "
+                             "on 2 CPU cores one model's seven tasks at 200 rows take about half an hour")
+    args = parser.parse_args(argv)
+    if not (MODEL / "config.json").is_file():
+        print(f"error: {MODEL} is missing; run `make models` (fetches SmolLM2-135M from PyPI and imports it)",
+              file=sys.stderr)
+        return 2
+    {"criteria": criteria, "recovery": recovery, "efficiency": efficiency, "report": report}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
