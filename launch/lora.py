@@ -14,9 +14,9 @@ import sys
 from shortened import cli
 from shortened.config import ConfigError, LoraTrainConfig
 from shortened.prune.errors import PruneInputError
-from shortened.tokenizer import TokenizerNotFound
+from shortened.tokenizer import TokenizerNotFound, TokenizerUnreadable
 
-BAD_INPUT = (ConfigError, PruneInputError, TokenizerNotFound)
+BAD_INPUT = (ConfigError, PruneInputError, TokenizerNotFound, TokenizerUnreadable)
 
 
 def parse_args(argv: list[str]) -> LoraTrainConfig:

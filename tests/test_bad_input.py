@@ -143,16 +143,19 @@ def test_the_summary_names_every_bad_file(tmp_path, tokenizer_model):
     assert "corrupt_zst 2" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["data_prep/slimpajama.py", "launch/prune.py"])
+@pytest.mark.parametrize("script", ["data_prep/slimpajama.py", "launch/prune.py", "launch/lora.py"])
 def test_a_corrupt_tokenizer_given_to_a_tool_is_one_error_line(tmp_path, tokenizer_model, tiny_init_model, script):
     """A tokenizer.model cut short used to end these tools in SentencePiece's RuntimeError traceback."""
     corrupt = tmp_path / "tokenizer.model"
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Say yes.", "output": "Yes."}]))
     corrupt.write_bytes(tokenizer_model.read_bytes()[:1000])
     sample = ROOT.parent / "shared" / "data" / "slimpajama-sample"
     args = {"data_prep/slimpajama.py": ["--input", sample, "--split", "validation", "--tokenizer", corrupt,
                                         "--output", tmp_path / "out"],
             "launch/prune.py": ["--model", tiny_init_model, "--calib", sample / "validation", "--remove", 1,
-                                "--no-protect", "--tokenizer", corrupt, "--out", tmp_path / "out"]}[script]
+                                "--no-protect", "--tokenizer", corrupt, "--out", tmp_path / "out"],
+            "launch/lora.py": ["--model", tiny_init_model, "--data", tmp_path / "alpaca.json", "--tokenizer",
+                               corrupt, "--out", tmp_path / "out"]}[script]
     result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
