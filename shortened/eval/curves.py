@@ -162,6 +162,9 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
                 shaded = True
         if panel in ref_values:
             ax.axhline(ref_values[panel], color="black", linestyle="--", linewidth=1, label=reference_label)
+            low, high = ax.get_ylim()  # a reference at the data's edge sat on the frame, where it cannot be seen
+            pad = 0.05 * (high - low)
+            ax.set_ylim(min(low, ref_values[panel] - pad), max(high, ref_values[panel] + pad))
         ax.set_title(f"{panel[0]} ({panel[1]})", fontsize=10)
         ax.set_xlabel("training tokens")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
