@@ -178,6 +178,9 @@ class TrainConfig:
                                          "the distillation loss's)")
     compile: bool = setting(False, "torch.compile each decoder block (torchtitan's way; parameter names unchanged); "
                                    "off until a GPU has measured it")
+    tf32: bool = setting(True, "on CUDA, fp32 matrix products run on TF32 tensor cores (10-bit mantissa, as "
+                               "torchtitan and Megatron default): fp32 training, and what stays fp32 in bf16 "
+                               "training; no effect on CPU")
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")

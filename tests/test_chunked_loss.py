@@ -2,21 +2,13 @@
 vocabulary: values, gradients, memory and host synchronisations."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distill_loss import PeakLiveBytes, relative_error
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from loss_testing import BATCH, CHUNK, SEQ_LEN, HostSyncs, MatmulDtypes, PeakLiveBytes, packed_batch, relative_error
 
-from shortened.data.packing import document_position_ids
 from shortened.modeling import LLAMA_VOCAB_SIZE, build_tiny_llama
 from shortened.train.chunked_loss import next_token_loss
-
-BATCH, SEQ_LEN = 2, 64
-DOC_STARTS = [np.array([0, 17, 40]), np.array([0, 9, 33, 58])]
-CHUNK = 40  # 2 * 63 = 126 predicted positions: the last chunk is partial
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +18,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def batch():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, LLAMA_VOCAB_SIZE, (BATCH, SEQ_LEN), generator=generator)
-    position_ids = torch.from_numpy(np.stack([document_position_ids(s, SEQ_LEN) for s in DOC_STARTS]))
-    return input_ids, position_ids
+    return packed_batch()
 
 
 def loss_and_grads(model, input_ids, position_ids, loss_of_hidden):
@@ -155,37 +144,3 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_sequence():
     # All that is vocabulary-sized: a few [chunk, V] tensors and the head's gradient.
     assert chunked[long] <= 3 * chunk * row + 2 * LLAMA_VOCAB_SIZE * hidden * 4 + BATCH * long * 32 * hidden
     assert chunked[long] * 3 < full
-
-
-class MatmulDtypes(TorchDispatchMode):
-    """The dtypes of every matrix product's operands."""
-
-    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
-               torch.ops.aten.bmm.default}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.MATMULS:
-            self.dtypes |= {arg.dtype for arg in tree_leaves(args) if isinstance(arg, torch.Tensor)}
-        return func(*args, **(kwargs or {}))
-
-
-class HostSyncs(TorchDispatchMode):
-    """The ops that need a tensor's value on the host: scalar reads, nonzero, and indexing by a boolean mask."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.masked_select.default}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        by_mask = func is torch.ops.aten.index.Tensor and any(
-            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in tree_leaves(args[1:]))
-        if func in self.READS or by_mask:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))

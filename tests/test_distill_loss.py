@@ -1,22 +1,13 @@
 """The chunked distillation loss against the full-logit reference, on real tiny Llamas with the 32k vocabulary."""
 from __future__ import annotations
 
-import weakref
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from loss_testing import BATCH, CHUNK, SEQ_LEN, MatmulDtypes, PeakLiveBytes, packed_batch, relative_error
 
-from shortened.data.packing import document_position_ids
 from shortened.modeling import LLAMA_VOCAB_SIZE, build_tiny_llama
 from shortened.train.distill_loss import distillation_losses
-
-BATCH, SEQ_LEN = 2, 64
-DOC_STARTS = [np.array([0, 17, 40]), np.array([0, 9, 33, 58])]
-CHUNK = 40  # 2 * 63 = 126 predicted positions: the last chunk is partial
 
 
 def naive_distillation_losses(student_hidden, student_weight, teacher_hidden, teacher_weight, input_ids, *,
@@ -46,10 +37,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def batch():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, LLAMA_VOCAB_SIZE, (BATCH, SEQ_LEN), generator=generator)
-    position_ids = torch.from_numpy(np.stack([document_position_ids(s, SEQ_LEN) for s in DOC_STARTS]))
-    return input_ids, position_ids
+    return packed_batch()
 
 
 def hidden_states(model, input_ids, position_ids=None):
@@ -67,10 +55,6 @@ def losses_and_grads(loss_fn, student, teacher, input_ids, position_ids=None, **
     names, params = zip(*student.named_parameters())
     grads = torch.autograd.grad(total, params)
     return (total.detach(), kd.detach(), ce.detach()), dict(zip(names, grads))
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.float() - expected.float()).norm() / expected.float().norm())
 
 
 def assert_matches_reference(student, teacher, input_ids, position_ids=None, valid=None, **weights):
@@ -153,62 +137,31 @@ def test_ce_equals_hugging_face_causal_lm_loss(student, teacher, batch):
             assert abs(float(out.kd) - float(naive_kd)) <= 1e-5 * float(naive_kd)
 
 
-def test_bf16_inputs(student, teacher, batch):
-    """bf16 in: the arithmetic is the fp32 arithmetic on the upcast values, and the result is near full fp32."""
+def test_bf16_multiplies_in_bf16_and_stays_near_fp32(student, teacher, batch):
+    """bf16 in: both heads multiply in bf16 (the tensor cores' dtype), the softmaxes and sums run in fp32, and the
+    losses and gradients stay near the all-fp32 ones."""
     input_ids, position_ids = batch
     with torch.no_grad():
         fp32 = [hidden_states(student, input_ids, position_ids), student.lm_head.weight.detach().clone(),
                 hidden_states(teacher, input_ids, position_ids), teacher.lm_head.weight.detach()]
-    bf16 = [tensor.bfloat16() for tensor in fp32]
-    upcast = [tensor.float() for tensor in bf16]
     kwargs = dict(kd_weight=0.6, ce_weight=0.4, temperature=2.0, chunk_size=CHUNK)
 
     def run(hidden, weight, t_hidden, t_weight):
         hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        out = distillation_losses(hidden, weight, t_hidden, t_weight, input_ids, **kwargs)
-        return out, torch.autograd.grad(out.total, [hidden, weight])
+        with MatmulDtypes() as seen:
+            out = distillation_losses(hidden, weight, t_hidden, t_weight, input_ids, **kwargs)
+            grads = torch.autograd.grad(out.total, [hidden, weight])
+        return out, grads, seen.dtypes
 
-    (out_bf16, grads_bf16), (out_upcast, grads_upcast), (out_fp32, grads_fp32) = map(run, *zip(bf16, upcast, fp32))
-    assert [grad.dtype for grad in grads_bf16] == [torch.bfloat16, torch.bfloat16]
+    (out16, grads16, dtypes16), (out32, grads32, dtypes32) = run(*(t.bfloat16() for t in fp32)), run(*fp32)
+    assert dtypes16 == {torch.bfloat16} and dtypes32 == {torch.float32}
+    assert [grad.dtype for grad in grads16] == [torch.bfloat16, torch.bfloat16]
     for name in ["total", "kd", "ce"]:
-        ours, upcast_value, fp32_value = (getattr(out, name).detach() for out in (out_bf16, out_upcast, out_fp32))
+        ours, reference = getattr(out16, name).detach(), getattr(out32, name).detach()
         assert ours.dtype == torch.float32
-        assert float(ours) == pytest.approx(float(upcast_value), rel=1e-6)
-        assert float(ours) == pytest.approx(float(fp32_value), rel=1e-2)
-    for ours, upcast_grad, fp32_grad in zip(grads_bf16, grads_upcast, grads_fp32):
-        assert torch.equal(ours, upcast_grad.bfloat16())
-        assert relative_error(ours, fp32_grad) <= 3e-2
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """Bytes of tensor storage created under this mode and still alive, and their peak: torch's CPU allocator is
-    invisible to tracemalloc, and RSS is noisy, but every tensor an op returns passes through here (backward too)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # Views and in-place results share an argument's storage: nothing new, even if made before the mode was.
-        shared = {arg.untyped_storage().data_ptr() for arg in tree_leaves((args, kwargs))
-                  if isinstance(arg, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key, size = storage.data_ptr(), storage.nbytes()
-                if size and key not in shared and key not in self._seen:
-                    self._seen.add(key)
-                    self.live += size
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, size)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self._seen.discard(key)
-        self.live -= size
+        assert float(ours) == pytest.approx(float(reference), rel=1e-2)
+    for ours, reference in zip(grads16, grads32):
+        assert relative_error(ours, reference) <= 3e-2
 
 
 def loss_step_peak(loss_fn, seq_len: int, hidden: int = 64, **kwargs) -> int:

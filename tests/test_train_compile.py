@@ -16,7 +16,7 @@ from safetensors import safe_open
 from shortened.config import ConfigError, ModelConfig
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
-from shortened.train.kernels import LIGER_REQUIREMENT, check_kernels, compile_blocks_of
+from shortened.train.kernels import LIGER_REQUIREMENT, check_kernels, compile_blocks_of, set_fp32_matmul_precision
 
 from train_support import HALF, ROOT, Job, overrides, python, read_log, warm
 
@@ -101,6 +101,19 @@ def test_kernel_settings_that_cannot_run_are_refused_before_loading(monkeypatch)
     monkeypatch.setattr("torch._inductor.config.cpp.cxx", ("no-such-c++-compiler",))
     with pytest.raises(ConfigError, match="train.compile=true: torch.compile needs a C\\+\\+ compiler"):
         check_kernels(ModelConfig(), True, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_train_tf32_sets_cuda_fp32_matmuls_and_leaves_a_cpu_rank_alone(tf32):
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        set_fp32_matmul_precision(torch.device("cpu"), tf32)
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+        set_fp32_matmul_precision(torch.device("cuda", 0), tf32)  # the flags are process state, set without a GPU
+        assert matmul.fp32_precision == conv.fp32_precision == ("tf32" if tf32 else "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 def test_compiling_the_blocks_keeps_every_parameter_name():

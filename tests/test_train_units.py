@@ -11,7 +11,7 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from shortened.config import ConfigError, RunConfig, load_config
+from shortened.config import ConfigError, DistillConfig, RunConfig, load_config
 from shortened.data.loader import build_train_loader
 from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama
@@ -25,6 +25,7 @@ from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.loop import model_inputs
 from shortened.train.metrics import TrainLogger, truncate_log
 from shortened.train.plan import plan_budget
+from shortened.train.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "cpt").glob("*.yaml"))
@@ -311,3 +312,10 @@ def test_progress_clock_starts_at_the_first_step(tmp_path):
         assert logger.bar.format_dict["elapsed"] < 5
     finally:
         logger.close()
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_teacher_loads_frozen_on_the_rank_device_in_the_training_dtype(tiny_init_model, precision, dtype):
+    teacher = load_teacher(DistillConfig(teacher=str(tiny_init_model)), precision, torch.device("cpu"), "sdpa")
+    assert {(p.device.type, p.dtype, p.requires_grad) for p in teacher.parameters()} == {("cpu", dtype, False)}
+    assert not teacher.training and teacher.config.use_cache is False

@@ -8,7 +8,12 @@ loss keeps several such tensors (both models' logits, their log-softmaxes, the g
 driver of `chunked_loss.py` walks the positions `chunk_size` rows at a time and folds each chunk's closed-form
 gradient (KD: `T * (softmax(s/T) - softmax(t/T))`, CE: `softmax(s) - onehot`) into the gradients of the hidden rows
 and of the head weight: peak memory is five `[chunk_size, vocab]` fp32 tensors plus buffers the size of the hidden
-states and of the head (its fp32 gradient, fp32 copies of bf16 heads), whatever the sequence length.
+states and of the head (its gradient), whatever the sequence length.
+
+Both heads multiply in the training dtype (bf16 on a GPU: the tensor cores' rate, where fp32 units ran the 2.7B
+recipe's 4.3 TFLOP of KD head matmuls a micro-step at an eighth of it), and only what the accuracy needs is fp32: each
+chunk's logits are upcast once, and the softmaxes, logsumexps and KL sums run on the upcast copy, as in the plain
+loss. fp32 training multiplies in fp32 (TF32 on CUDA: `shortened/train/engine.py`).
 """
 from __future__ import annotations
 
@@ -40,8 +45,9 @@ def distillation_losses(student_hidden: torch.Tensor, student_head_weight: torch
     those predictions (True: counted); the means are over counted positions, like `cross_entropy(ignore_index=...)`,
     except that a micro-batch with none counted gives 0 rather than NaN, so that it cannot poison the optimizer.
 
-    Logits are computed in fp32 whatever the inputs' dtype; gradients are returned in the inputs' dtypes. The
-    teacher's tensors get no gradient (they come from a frozen model).
+    Each model's logits are its hidden states times its head in their own dtype (bf16 in bf16 training), upcast to
+    fp32 for the softmaxes, logsumexps and sums; gradients are returned in the inputs' dtypes. The teacher's tensors
+    get no gradient (they come from a frozen model).
     """
     batch, seq_len, _ = student_hidden.shape
     if teacher_hidden.shape[:2] != (batch, seq_len):
@@ -55,32 +61,33 @@ def distillation_losses(student_hidden: torch.Tensor, student_head_weight: torch
     terms = _DistillationTerms(teacher_hidden.detach(), teacher_head_weight.detach(), kd_weight=kd_weight,
                                ce_weight=ce_weight, temperature=temperature)
     total, kd, ce = fused_head_loss(student_hidden, student_head_weight, input_ids, terms, chunk_size=chunk_size,
-                                    compute_dtype=torch.float32, valid=valid)
+                                    compute_dtype=student_hidden.dtype, valid=valid)
     return DistillLosses(total=total, kd=kd, ce=ce)
 
 
 class _DistillationTerms:
     """One chunk's KL and CE sums and the gradient of kd_weight * KD + ce_weight * CE w.r.t. the student's logits,
-    in fp32 (the teacher's logits of the same rows computed here, under no gradient)."""
+    in fp32 (the teacher's logits of the same rows computed here, in the teacher's dtype, under no gradient)."""
 
     size = 2  # kd, ce
 
     def __init__(self, teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tensor, *, kd_weight: float,
                  ce_weight: float, temperature: float) -> None:
         self.teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-        self.teacher_weight = teacher_head_weight.float()  # cast once, not once per chunk
+        self.teacher_weight = teacher_head_weight.to(teacher_hidden.dtype)  # cast (if at all) once, not per chunk
         self.kd_weight, self.ce_weight, self.temperature = kd_weight, ce_weight, temperature
 
     def chunk(self, logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, count: int, want_grad: bool
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         temperature = self.temperature
+        logits = logits.float()  # the training dtype's product, upcast once: the chunk's only fp32 copy of it
         lse = logits.logsumexp(dim=1, keepdim=True)
         ce_sum = (lse.squeeze(1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
         # At T = 1 (the Minitron default) the student's log-softmax is the CE's, already normalised by `lse`.
         log_ps = logits - lse if temperature == 1.0 else logits / temperature
         if temperature != 1.0:
             log_ps -= log_ps.logsumexp(dim=1, keepdim=True)
-        log_pt = self.teacher_hidden.index_select(0, rows).float() @ self.teacher_weight.T
+        log_pt = (self.teacher_hidden.index_select(0, rows) @ self.teacher_weight.T).float()
         if temperature != 1.0:
             log_pt /= temperature
         log_pt -= log_pt.logsumexp(dim=1, keepdim=True)

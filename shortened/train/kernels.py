@@ -25,6 +25,18 @@ def check_kernels(model: ModelConfig, compile_blocks: bool, device: torch.device
         _check_compiler(device)
 
 
+def set_fp32_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """`train.tf32` on a CUDA rank: fp32 matmuls on TF32 tensor cores (an H100's dense TF32 rate is ~7x its fp32
+    rate) or in full fp32. Process-wide, so it is set once, before the model is built; a CPU rank is left as it is."""
+    if device.type != "cuda":
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9; mixing it with the old flags is an error
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"  # type: ignore[attr-defined]
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
 def apply_kernels(model: PreTrainedModel, config: ModelConfig, compile_blocks: bool) -> None:
     """Patch Liger's kernels into `model` and compile its blocks, in place; parameter names do not change."""
     if config.liger:

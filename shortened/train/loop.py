@@ -45,7 +45,7 @@ from shortened.train.dynamic import DynamicLoading, describe, start_dynamic
 from shortened.train.engine import apply_optim_settings, build_engine, cpu_has_bf16_kernels, load_model
 from shortened.train.failpoints import failpoint
 from shortened.train.hooks import StepContext, TrainerHook, call_hooks, missed_at_resume
-from shortened.train.kernels import apply_kernels, check_kernels
+from shortened.train.kernels import apply_kernels, check_kernels, set_fp32_matmul_precision
 from shortened.train.metrics import PhaseTimer, TrainLogger, memory_gb, peak_flops
 from shortened.train.objective import DistillationObjective, NextTokenObjective, Objective
 from shortened.train.plan import RunPlan, plan_run, training_state
@@ -101,6 +101,7 @@ def _build(config: RunConfig, env: DistEnv, plan: RunPlan):
         log.warning("train.precision=bf16 on a CPU without bf16 kernels (no AVX-512): bf16 is emulated and each step "
                     "runs several times slower than with train.precision=fp32")
     check_kernels(config.model, config.train.compile, env.device)
+    set_fp32_matmul_precision(env.device, config.train.tf32)
     model = load_model(config.model, plan.model_dir, config.train.precision, config.data.seq_len)
     apply_kernels(model, config.model, config.train.compile)
     ds_config = build_deepspeed_config(config, env.world_size, on_cuda=env.device.type == "cuda",

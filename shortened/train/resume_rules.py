@@ -66,6 +66,7 @@ RULES: dict[str, ResumeRule] = {
     "train.dist_timeout_s": honoured("applied when the process group is created"),
     "train.loss_chunk_size": honoured("read at every step; the loss differs only in the order of its sums"),
     "train.compile": honoured("applied when the model is built; the same weights and parameter names"),
+    "train.tf32": honoured("applied when the model is built (CUDA only); the products' rounding changes"),
     "optim.lr": honoured("the first resumed update uses the new peak times the schedule's factor"),
     "optim.betas": honoured("set on every optimizer parameter group after loading"),
     "optim.eps": honoured("set on every optimizer parameter group after loading"),
