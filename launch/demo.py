@@ -27,22 +27,18 @@ model"):
 --quick (the tier `make test` runs) keeps a toy source instead: a 4-block Llama with the LLaMA tokenizer, pretrained
 briefly here, and tiny sizes.
 
-Measured phase times of the full demo, 2-core AVX2 box (AMD EPYC), fp32, while other engineers' jobs kept its load
-average at 5-13 (so wall times are 2-4x an idle box's; CPU-s, the processes' own CPU seconds, are the steadier
-figure, and on an idle box wall ~ CPU-s / 2 for these 2-way jobs):
-  data prep, train + validation        21 s       13 CPU-s
-  PPL pruning (30 blocks, 8 x 128)   1104 s      411 CPU-s
-  source evaluation                   465 s      256 CPU-s  (PIQA 126 s, ARC-Easy 154 s, WikiText-2 112 s, validation
-                                                             57 s; HellaSwag, left out, took 230 s alone at 32 rows)
-  plain CPT, the whole step           971 s      638 CPU-s  (evaluation at step 0: 127 s on the 2 ranks, at step
-                                                             16: 61 s; 16 training steps 467 s, 25-50 s a step)
-  KD CPT                              not measured in a full run (the session ran out of time); ~1.42x the step time
-Projection for an idle box (wall ~ CPU-s / 2, training at the 60-80 tokens/s measured under load, KD at 1.42x the
-step time, each inline evaluation of the 23-block model ~0.8x the source's): setup ~4.5 min (virtualenv 171 s, the
-model's fetch and import 1-2 min), data prep 0.3, pruning 3.5, source evaluation 2, plain CPT ~9.5 (training 5-6.5,
-two evaluation points 3.5), KD CPT ~11.5 at 24 CPT steps: ~31 min, over the 25-minute budget; hence 16 steps (-4.5
-min: ~26.5 min at the loaded box's training speed, less on an idle one). If an idle run still exceeds 25 min, the
-next cuts are 4 calibration windows (-2 min) and 24 evaluation rows (-2 min).
+Measured from a fresh clone on an idle 2-core AVX2 box (AMD EPYC), fp32: `make demo` took 22 min 57 s wall
+(budget 25), of which setup 257 s (virtualenv, DeepSpeed's CPU op, SmolLM2's fetch and import) and then:
+  data prep, train + validation          7 s       11 CPU-s
+  PPL pruning (30 blocks, 8 x 128)     192 s      282 CPU-s
+  source evaluation                     70 s      119 CPU-s
+  plain CPT, the whole step            428 s      613 CPU-s  (evaluation at step 0: 56 s, at step 16: 38 s; 16
+                                                              training steps 309 s, ~56 tokens/s on the 2 ranks)
+  CPT + KD                             414 s      737 CPU-s  (evaluation at step 0: 47 s; training 339 s: the
+                                                              teacher's no-grad forward adds ~10 %)
+On a box shared with other jobs the same phases took 2-4x longer (pruning 1,104 s, plain CPT 971 s at a load average
+of 5-13); the margin left is ~2 min. If a slower box needs more, the next cuts are 4 calibration windows (about
+-90 s, other blocks may be chosen) and 24 evaluation rows (about -60 s, stderr 0.08 -> 0.10).
 Every step is skipped when its output is already there (a training run that was stopped resumes from its newest
 checkpoint), so a second run finishes quickly; each step prints its wall seconds and its processes' CPU seconds.
 """
