@@ -111,9 +111,9 @@ class DataConfig:
     document_mask: bool = setting(
         False, "attend only within each document of a packed sequence (position ids restart at every <s>). Off by "
                "default: the published CPT, like LLaMA's pretraining, lets packed documents attend to each other. "
-               "With sdpa/eager it materializes a (seq_len x seq_len) mask per sequence; on GPUs use "
-               "model.attn_implementation=flash_attention_2, which gets each document as its own variable-length "
-               "sequence. A kernel that can do neither is refused at start")
+               "With sdpa/eager it materializes a (seq_len x seq_len) mask per sequence; flex_attention gets a "
+               "sparse block mask; on GPUs use model.attn_implementation=flash_attention_2, which gets each "
+               "document as its own variable-length sequence. A kernel that can do none is refused at start")
     mixture: dict[str, float] | None = setting(
         None, "static mixture weights by source, e.g. {RedPajamaC4: 0.5, RedPajamaGithub: 0.5} (normalised to sum "
               "1): each step's global batch takes each source's share from that source's own shuffled order; a "

@@ -94,8 +94,8 @@ def assert_matches_alone(logits, loss, alone) -> None:
     assert abs(float(loss) - float(expected_loss)) <= 1e-5 * float(expected_loss)
 
 
-@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
-def test_eager_and_sdpa_score_each_document_as_if_alone(batch, alone, kernel):
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex_attention"])
+def test_eager_sdpa_and_flex_score_each_document_as_if_alone(batch, alone, kernel):
     model = build_tiny_llama(seed=0, num_layers=2, num_heads=4, num_kv_heads=2)  # the `model` fixture's weights
     model.set_attn_implementation(kernel)
     varlen = document_mask_inputs(run_config(kernel), model)
