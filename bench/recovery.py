@@ -3,7 +3,7 @@
     python bench/recovery.py criteria [--work bench_out/recovery] [--ratios 0.2 0.35] [--limit 200]
                                       [--ppl-windows 200] [--zero-shot all | source ppl_0.2 ...]
     python bench/recovery.py recovery [--recovery-ratios 0.2 0.6] [--tokens 40960] [--points 4]
-    python bench/recovery.py efficiency [--work ...]
+    python bench/recovery.py efficiency [--efficiency-blocks 23 12]
     python bench/recovery.py report [--work ...]          # the tables again, from what the work folder holds
 
 The model is the one `make models` imports (launch/fetch_smollm2.py: SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI,
@@ -22,10 +22,12 @@ recovery (the v2 paper's CPT vs LoRA, Minitron's KD vs next-token loss): from ea
     0.9/0.95, wd 0.1, lr 1e-4 cosine, seed 1234); `kd`, the same with distill.teacher = the unpruned
     model (KL only, T 1); `lora`, `launch/lora.py` (r 8 on every projection, lr 1e-4, 8 examples a step) on the
     train split's documents as plain-text records, about --tokens of them. CPT and KD evaluate inline at step 0 and
-    every --tokens / --points: WikiText-2 perplexity (--ppl-windows) and the loss on the validation shards; the
-    LoRA arm is evaluated once, merged, at its end. Reported: each curve, and the tokens KD needs to reach plain
-    CPT's final WikiText-2 perplexity (interpolated between points; goal: at most half of CPT's).
-efficiency: `bench/efficiency.py` on the source and the PPL-pruned models (batch 1 and 16, 128 new tokens).
+    every --tokens / --points: WikiText-2 perplexity (--ppl-windows) and the loss on the validation shards; LoRA
+    saves its adapter --points times, and each is merged (float32) and scored the same way by launch/evaluate.py.
+    Reported: each curve, and the tokens KD needs to reach plain CPT's final WikiText-2 perplexity (interpolated
+    between points; goal: at most half of CPT's).
+efficiency: `bench/efficiency.py` on the 30-block source and PPL-pruned models of --efficiency-blocks blocks (23: the
+    20 % model; 12: the paper's 2.7B-like share of blocks kept), batch 1 and 16, 128 new tokens.
 
 Every command's output is kept under --work and a command whose output is there is not run again, so the bench
 resumes where it was stopped and a report can be printed while it runs. Seeds are fixed (calibration 1234); the
@@ -37,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +68,7 @@ CRITERIA: dict[str, tuple[str, ...]] = {
 }
 SEQ_LEN = 256
 SEQUENCES_PER_STEP = 8  # tiny-cpu.yaml: micro 2 x accumulation 2 x 2 ranks
+LORA_EXAMPLES_PER_STEP = 8  # as many documents a LoRA step as CPT has sequences
 LABELS = {"ppl": "PPL", "taylor": "Taylor+", "magnitude": "Magnitude+", "bi": "BI", "angular": "angular"}
 
 
@@ -128,9 +132,19 @@ def read_scores(work: Path, name: str) -> Scores | None:
 
 
 def prune(criterion: str, ratio: float, work: Path) -> Path:
-    out = work / "pruned" / f"{criterion}_{ratio:g}"
-    run(f"prune by {LABELS[criterion]} at {ratio:.0%} of the parameters",
-        [sys.executable, "launch/prune.py", "--model", MODEL, "--criterion", criterion, "--ratio", ratio,
+    """One criterion's one-shot pruning at `ratio` of the parameters (WORK/pruned/CRITERION_RATIO)."""
+    return _prune(criterion, ["--ratio", ratio], f"{LABELS[criterion]} at {ratio:.0%} of the parameters",
+                  work / "pruned" / f"{criterion}_{ratio:g}")
+
+
+def prune_to_blocks(blocks: int, work: Path) -> Path:
+    """PPL pruning to `blocks` kept blocks (WORK/pruned/ppl_keepN): the efficiency bench's block counts."""
+    return _prune("ppl", ["--keep-blocks", blocks], f"PPL to {blocks} blocks", work / "pruned" / f"ppl_keep{blocks}")
+
+
+def _prune(criterion: str, amount: list, what: str, out: Path) -> Path:
+    run(f"prune by {what}",
+        [sys.executable, "launch/prune.py", "--model", MODEL, "--criterion", criterion, *amount,
          "--calib", CALIB, "--calib-samples", 10, "--calib-len", 128, "--seed", 1234, "--device", "cpu",
          *CRITERIA[criterion], "--out", out], done=out / "prune_report.json")
     return out
@@ -185,10 +199,38 @@ def _finished_marker(run_dir: Path, steps: int) -> Path:
 
 
 def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) -> Path:
-    """LoRA on the train split's documents (about --tokens of them), merged and evaluated like the others."""
-    from shortened.tokenizer import load_tokenizer
+    """LoRA on the train split's documents (about --tokens of them), its adapter saved --points times; each saved
+    adapter merged (float32) and evaluated like CPT's inline points, on the same windows and validation sequences."""
+    from shortened.prune.lora import merge_lora
+    from shortened.prune.lora_checkpoint import complete_checkpoints
 
     out = args.work / "recovery" / f"lora_{pruned.name}"
+    data = lora_text(args)
+    steps = math.ceil(len(data.read_text().splitlines()) / LORA_EXAMPLES_PER_STEP)
+    run(f"LoRA from {pruned.name} on {data.name}: {steps} steps",
+        [sys.executable, "launch/lora.py", "--model", pruned, "--data", data, "--out", out, "--epochs", 1,
+         "--lr", 1e-4, "--micro-batch-size", 2, "--grad-accum", LORA_EXAMPLES_PER_STEP // 2, "--cutoff-len", SEQ_LEN,
+         "--warmup-steps", 2, "--seed", 1234, "--dtype", "float32", "--device", "cpu",
+         "--save-every-steps", max(1, steps // args.points), "--keep-last", args.points + 1],
+        done=out / "merged" / "config.json")
+    for checkpoint in complete_checkpoints(out / "checkpoints"):
+        rows = out / f"eval_{checkpoint.name}.jsonl"
+        if rows.is_file():
+            continue
+        import torch
+
+        merged = merge_lora(pruned, checkpoint, out / f"merged_{checkpoint.name}", pruned, torch.float32)
+        run(f"evaluate LoRA from {pruned.name} at {checkpoint.name}",
+            [*EVALUATE, "--model", merged, "--tasks", "wikitext2", "--limit", args.ppl_windows,
+             "--validation-shards", shards["validation"], "--results", rows], done=rows)
+        shutil.rmtree(merged)  # 0.5 GB a point; the adapter stays in the checkpoint
+    return out
+
+
+def lora_text(args: argparse.Namespace) -> Path:
+    """The train split's first documents as LoRA `{text}` records, about --tokens of them (each cut at SEQ_LEN)."""
+    from shortened.tokenizer import load_tokenizer
+
     data = args.work / "recovery" / f"lora_text_{args.tokens}.jsonl"
     if not data.is_file():
         tokenizer, budget, records = load_tokenizer(MODEL), args.tokens, []
@@ -199,15 +241,20 @@ def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) ->
             budget -= min(SEQ_LEN, 2 + len(tokenizer.encode(text)))
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    run(f"LoRA from {pruned.name} on {data.name}",
-        [sys.executable, "launch/lora.py", "--model", pruned, "--data", data, "--out", out, "--epochs", 1,
-         "--lr", 1e-4, "--micro-batch-size", 2, "--grad-accum", 4, "--cutoff-len", SEQ_LEN, "--warmup-steps", 2,
-         "--seed", 1234, "--dtype", "float32", "--device", "cpu"], done=out / "merged" / "config.json")
-    rows = out / "eval.jsonl"
-    run(f"evaluate LoRA from {pruned.name}", [*EVALUATE, "--model", out / "merged", "--tasks", "wikitext2", "--limit",
-                                              args.ppl_windows, "--validation-shards", shards["validation"],
-                                              "--results", rows], done=rows)
-    return out
+    return data
+
+
+def lora_points(run_dir: Path) -> list[tuple[int, int, float, float]]:
+    """(step, tokens trained on, WikiText-2 PPL, validation loss) of each evaluated LoRA checkpoint."""
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    seen = {row["step"]: sum(r["tokens"] for r in log[: row["step"]]) for row in log}
+    points = []
+    for rows_file in sorted(run_dir.glob("eval_step_*.jsonl")):
+        step = int(rows_file.stem.removeprefix("eval_step_"))
+        rows = {r["task"]: r["value"] for r in map(json.loads, rows_file.read_text().splitlines())
+                if r["status"] == "ok" and r["primary"]}
+        points.append((step, seen[step], rows["wikitext2"], rows["validation"]))
+    return points
 
 
 def _documents(split: Path) -> Iterator[str]:
@@ -258,25 +305,24 @@ def recovery_report(args: argparse.Namespace) -> None:
             share = ("never" if reach is None
                      else f"{reach:.0f} tokens ({reach / curves['cpt'][-1].tokens:.2f} of CPT's)")
             lines.append(f"  KD reaches CPT's final WikiText-2 PPL {target:.1f}: {share}")
-        lora_rows = args.work / "recovery" / f"lora_{name}" / "eval.jsonl"
-        if lora_rows.is_file():
-            rows = {r["task"]: r["value"] for r in map(json.loads, lora_rows.read_text().splitlines())
-                    if r["status"] == "ok" and r["primary"]}
-            log = (args.work / "recovery" / f"lora_{name}" / "train_log.jsonl").read_text().splitlines()
-            tokens = json.loads(log[-1])["tokens"]
-            lines.append(f"  LoRA after {tokens} tokens: WikiText-2 PPL {rows['wikitext2']:.1f}, validation loss "
-                         f"{rows['validation']:.3f}")
+        lora_dir = args.work / "recovery" / f"lora_{name}"
+        if (lora_dir / "train_log.jsonl").is_file():
+            for step, tokens, ppl, loss in lora_points(lora_dir):
+                lines.append(f"  LoRA step {step}, {tokens} loss tokens: WikiText-2 PPL {ppl:.1f}, "
+                             f"validation loss {loss:.3f}")
     text = "\n".join(lines)
     print(text)
     (args.work / "recovery.md").write_text(text + "\n")
 
 
 def efficiency(args: argparse.Namespace) -> None:
-    models = [MODEL, *(prune("ppl", ratio, args.work) for ratio in args.ratios)]
+    """Generation speed of the source and of PPL-pruned models with --efficiency-blocks blocks (batch 1 and 16)."""
+    models = [MODEL, *(prune_to_blocks(blocks, args.work) for blocks in args.efficiency_blocks)]
     out = args.work / "efficiency.json"
     run("generation efficiency", [sys.executable, "bench/efficiency.py", *(a for m in models for a in ("--model", m)),
                                   "--batch-sizes", 1, 16, "--output-lens", 128, "--device", "cpu", "--json", out],
         done=out)
+    print(out.read_text())
 
 
 def report(args: argparse.Namespace) -> None:
@@ -330,6 +376,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--recovery-ratios", type=float, nargs="+", default=[0.2, 0.6])
     parser.add_argument("--tokens", type=int, default=40960, help="training tokens of each recovery arm")
     parser.add_argument("--points", type=int, default=4, help="inline evaluations of CPT and KD after step 0")
+    parser.add_argument("--efficiency-blocks", type=int, nargs="+", default=[23, 12],
+                        help="block counts of the pruned models the efficiency bench times beside the 30-block source")
     parser.add_argument("--zero-shot", nargs="+", default=["all"],
                         help="models scored on the zero-shot tasks: all, or names (source, ppl_0.2, taylor_0.35, ...); "
                              "on 2 CPU cores one model's seven tasks at 200 rows take about half an hour")
