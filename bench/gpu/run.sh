@@ -5,6 +5,7 @@
 #   bash bench/gpu/run.sh [OUT_DIR]          # on a GPU machine
 #   ONLY=kernels bash bench/gpu/run.sh       # one section: kernels, throughput, eval, efficiency (space-separated)
 #   SMOKE=1 bash bench/gpu/run.sh            # the same plumbing at tiny sizes on a CPU (checks the script)
+# A lent GPU machine has no network: bench/gpu/wheels.sh builds the wheels here, bench/gpu/install_and_run.sh runs this.
 #
 # Prints each benchmark's table and collects them, with the device line, into OUT_DIR/gpu-benchmarks.md for
 # BENCHMARKS.md. kernels (issue 24's table, about 10 minutes on one H100): the 2.7B geometry on each GPU at the
