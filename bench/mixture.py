@@ -3,10 +3,12 @@ sequences/s with mixtures on against the global order.
 
     python bench/mixture.py --demo-out DIR [--work DIR] [--steps 96] [--every 8] [--points 4]
                             [--update-sequences 32] [--eval-sequences 64] [--repeats 5] [--json FILE]
+    python bench/mixture.py --demo-out demo_out --source models/smollm2-135m --lr 1e-4 --work bench_out/mixture_smollm2
 
 DIR is the output of `python launch/demo.py --quick --out DIR` (or without --quick): its `source/` model (the
-unpruned reference) and `pruned/` model are used; the shards are this bench's own, because the demo's mix sources
-inside a sequence.
+unpruned reference; --source names it where the demo used a model outside DIR, as the full demo does with
+SmolLM2-135M) and `pruned/` model are used; the shards are this bench's own, because the demo's mix sources inside a
+sequence, tokenized with the source model's own tokenizer (the LLaMA tokenizer for a toy source without one).
 
 (1) Recovery per domain. The shared sample's train and validation splits are prepared by source (`--pack-by-source`)
     at the demo's sequence length. Two runs of `launch/cpt.py` from the pruned model, built by launch/demo.py's own
@@ -62,16 +64,21 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the loader measurement")
     parser.add_argument("--loader-steps", type=int, default=20, help="global batches per loader round")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                        help="which runs (natural and dynamic are the comparison; global shows today's default)")
+    parser.add_argument("--source", type=Path, help="the unpruned reference model (default: DIR/source)")
+    parser.add_argument("--lr", type=float, help="optim.lr of every run (default: the recipe's 1e-3, for the toy "
+                                                  "model; a pretrained model wants the paper's 1e-4)")
     args = parser.parse_args()
-    source, pruned = args.demo_out / "source", args.demo_out / "pruned"
+    source, pruned = args.source or args.demo_out / "source", args.demo_out / "pruned"
     demo_manifest = args.demo_out / "shards" / "train" / "manifest.json"
     missing = [str(p) for p in (source / "config.json", pruned / "config.json", demo_manifest) if not p.is_file()]
     if missing:
         raise SystemExit(f"--demo-out {args.demo_out} lacks {', '.join(missing)}; make them with\n"
                          f"  python launch/demo.py --quick --out {args.demo_out}   (about 5-8 minutes on 2 cores)")
     seq_len = json.loads(demo_manifest.read_text())["seq_len"]  # the length the demo's models were trained at
-    shards = prepare(args.work / "shards", seq_len)
-    run_dirs = {name: args.work / name for name in RUNS}
+    shards = prepare(args.work / "shards", seq_len, tokenizer_of(source))
+    run_dirs = {name: args.work / name for name in args.runs}
     for name, run_dir in run_dirs.items():
         train(name, run_dir, pruned, source, shards, seq_len, args)
     sizes = source_sizes(shards["train"])
@@ -84,7 +91,8 @@ def main() -> int:
     last_weights = read_log(run_dirs["dynamic"])[-1]["domain_weights"]
     figures["dynamic_final_weights"] = last_weights
     figures["natural_weights"] = natural_mixture(sizes)
-    figures["global_read"] = read_shares(run_dirs["global"])
+    if "global" in run_dirs:
+        figures["global_read"] = read_shares(run_dirs["global"])
     figures["loader"] = loader_rates(shards["train"], last_weights, args.repeats, args.loader_steps)
     report(figures)
     if args.json:
@@ -92,12 +100,18 @@ def main() -> int:
     return 0
 
 
-def prepare(out: Path, seq_len: int) -> dict[str, Path]:
+def tokenizer_of(source: Path) -> Path:
+    """The source model's own tokenizer; the LLaMA tokenizer for a toy source saved without one."""
+    has_own = any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    return source if has_own else demo.TOKENIZER
+
+
+def prepare(out: Path, seq_len: int, tokenizer: Path) -> dict[str, Path]:
     shards = {split: out / f"{split}-{seq_len}" for split in ("train", "validation")}
     for split, path in shards.items():
         demo.step(f"prepare the {split} split by source as {seq_len}-token shards",
                   [sys.executable, "data_prep/slimpajama.py", "--input", demo.SAMPLE, "--split", split,
-                   "--tokenizer", demo.TOKENIZER, "--output", path, "--seq-len", seq_len, "--workers", 2,
+                   "--tokenizer", tokenizer, "--output", path, "--seq-len", seq_len, "--workers", 2,
                    "--pack-by-source", "--no-progress"], done=path / "manifest.json")
     return shards
 
@@ -105,7 +119,7 @@ def prepare(out: Path, seq_len: int) -> dict[str, Path]:
 def train(name: str, run_dir: Path, pruned: Path, source: Path, shards: dict[str, Path], seq_len: int,
           args: argparse.Namespace) -> None:
     settings = {"steps": args.steps, "every": args.every, "points": args.points, "seq_len": seq_len,
-                "update_sequences": args.update_sequences, "pruned": str(pruned.resolve())}
+                "update_sequences": args.update_sequences, "pruned": str(pruned.resolve()), "lr": args.lr}
     marker = run_dir / "bench_settings.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings and finished(run_dir, args.steps):
         print(f"\n==> {name}: already finished in {run_dir}, reading it")
@@ -120,7 +134,7 @@ def train(name: str, run_dir: Path, pruned: Path, source: Path, shards: dict[str
         "dynamic": (f"data.dynamic.every_steps={args.every}", "data.dynamic.reference=model",
                     f"data.dynamic.reference_model={source}", f"data.dynamic.eval_sequences={args.update_sequences}"),
     }[name]
-    sizes = dataclasses.replace(demo.QUICK, seq_len=seq_len)  # deepspeed_cmd reads only seq_len
+    sizes = dataclasses.replace(demo.QUICK, seq_len=seq_len, lr=args.lr or 0.0)  # what deepspeed_cmd reads
     demo.step(f"{name}: {args.steps} steps from the pruned model",
               demo.deepspeed_cmd(run_dir, pruned, shards["train"], sizes, args.steps,
                                  f"checkpoint.every_steps={every}", f"checkpoint.keep_last={args.points + 1}",
@@ -236,7 +250,8 @@ def report(figures: dict[str, Any]) -> None:
     print("\ndynamic run's last weights: " + ", ".join(f"{s} {w:.3f}" for s, w in
                                                        figures["dynamic_final_weights"].items()))
     print("natural weights: " + ", ".join(f"{s} {w:.3f}" for s, w in figures["natural_weights"].items()))
-    print("global run's read shares: " + ", ".join(f"{s} {w:.3f}" for s, w in figures["global_read"].items()))
+    if "global_read" in figures:
+        print("global run's read shares: " + ", ".join(f"{s} {w:.3f}" for s, w in figures["global_read"].items()))
     base = figures["loader"]["global order"]
     print(f"\n(2) loader, one core, global batch {GLOBAL_BATCH}, micro batch {MICRO_BATCH}, seq {figures['seq_len']}:")
     for name, rate in figures["loader"].items():
