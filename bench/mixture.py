@@ -102,8 +102,13 @@ def main() -> int:
 
 def tokenizer_of(source: Path) -> Path:
     """The source model's own tokenizer; the LLaMA tokenizer for a toy source saved without one."""
-    has_own = any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
-    return source if has_own else demo.TOKENIZER
+    from shortened.tokenizer import TokenizerNotFound, load_tokenizer
+
+    try:
+        load_tokenizer(source)
+        return source
+    except TokenizerNotFound:
+        return demo.TOKENIZER
 
 
 def prepare(out: Path, seq_len: int, tokenizer: Path) -> dict[str, Path]:

@@ -36,6 +36,7 @@ zero-shot figures carry lm-eval's stderr (binomial, over --limit rows).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -67,6 +68,7 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     "angular": ("--no-protect",),
 }
 SEQ_LEN = 256
+SOURCE_BLOCKS = 30  # SmolLM2-135M's decoder blocks
 SEQUENCES_PER_STEP = 8  # tiny-cpu.yaml: micro 2 x accumulation 2 x 2 ranks
 LORA_EXAMPLES_PER_STEP = 8  # as many documents a LoRA step as CPT has sequences
 LABELS = {"ppl": "PPL", "taylor": "Taylor+", "magnitude": "Magnitude+", "bi": "BI", "angular": "angular"}
@@ -138,7 +140,12 @@ def prune(criterion: str, ratio: float, work: Path) -> Path:
 
 
 def prune_to_blocks(blocks: int, work: Path) -> Path:
-    """PPL pruning to `blocks` kept blocks (WORK/pruned/ppl_keepN): the efficiency bench's block counts."""
+    """PPL pruning to `blocks` kept blocks (WORK/pruned/ppl_keepN): the efficiency bench's block counts. A PPL model
+    already pruned (by ratio) to as many blocks is the same model, one-shot scores not depending on the count, and is
+    used instead of scoring the 30 blocks again."""
+    for report in sorted((work / "pruned").glob("ppl_*/prune_report.json")):
+        if SOURCE_BLOCKS - len(json.loads(report.read_text())["removed_blocks"]) == blocks:
+            return report.parent
     return _prune("ppl", ["--keep-blocks", blocks], f"PPL to {blocks} blocks", work / "pruned" / f"ppl_keep{blocks}")
 
 
@@ -201,6 +208,8 @@ def _finished_marker(run_dir: Path, steps: int) -> Path:
 def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) -> Path:
     """LoRA on the train split's documents (about --tokens of them), its adapter saved --points times; each saved
     adapter merged (float32) and evaluated like CPT's inline points, on the same windows and validation sequences."""
+    import torch
+
     from shortened.prune.lora import merge_lora
     from shortened.prune.lora_checkpoint import complete_checkpoints
 
@@ -217,8 +226,6 @@ def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) ->
         rows = out / f"eval_{checkpoint.name}.jsonl"
         if rows.is_file():
             continue
-        import torch
-
         merged = merge_lora(pruned, checkpoint, out / f"merged_{checkpoint.name}", pruned, torch.float32)
         run(f"evaluate LoRA from {pruned.name} at {checkpoint.name}",
             [*EVALUATE, "--model", merged, "--tasks", "wikitext2", "--limit", args.ppl_windows,
@@ -247,7 +254,7 @@ def lora_text(args: argparse.Namespace) -> Path:
 def lora_points(run_dir: Path) -> list[tuple[int, int, float, float]]:
     """(step, tokens trained on, WikiText-2 PPL, validation loss) of each evaluated LoRA checkpoint."""
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    seen = {row["step"]: sum(r["tokens"] for r in log[: row["step"]]) for row in log}
+    seen = dict(zip((row["step"] for row in log), itertools.accumulate(row["tokens"] for row in log)))
     points = []
     for rows_file in sorted(run_dir.glob("eval_step_*.jsonl")):
         step = int(rows_file.stem.removeprefix("eval_step_"))
@@ -340,7 +347,7 @@ def report(args: argparse.Namespace) -> None:
             if scores is None:
                 continue
             removed = sorted(json.loads((pruned / "prune_report.json").read_text())["removed_blocks"])
-            lines.append(_row(f"{LABELS[criterion]} {ratio:.0%} ({30 - len(removed)} blocks)",
+            lines.append(_row(f"{LABELS[criterion]} {ratio:.0%} ({SOURCE_BLOCKS - len(removed)} blocks)",
                               " ".join(map(str, removed)), _params(pruned), scores))
     table = "\n".join(lines)
     print(table)
