@@ -24,12 +24,13 @@ from shortened.train.engine import lr_factor
 from shortened.train.hooks import StepContext, call_hooks
 from shortened.train.loop import model_inputs
 from shortened.train.metrics import TrainLogger, truncate_log
-from shortened.train.plan import plan_budget
+from shortened.train.plan import data_identity, model_tokenizer, plan_budget
 from shortened.train.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "cpt").glob("*.yaml"))
 VICUNA = [path for path in RECIPES if path.name.startswith("vicuna-")]
+SMOLLM2 = ROOT / "models" / "smollm2-135m"  # `make models` imports it
 
 
 def config_with(tmp_path: Path, base: dict | None = None, overrides=()) -> RunConfig:
@@ -319,3 +320,27 @@ def test_the_teacher_loads_frozen_on_the_rank_device_in_the_training_dtype(tiny_
     teacher = load_teacher(DistillConfig(teacher=str(tiny_init_model)), precision, torch.device("cpu"), "sdpa")
     assert {(p.device.type, p.dtype, p.requires_grad) for p in teacher.parameters()} == {("cpu", dtype, False)}
     assert not teacher.training and teacher.config.use_cache is False
+
+
+def test_shards_framed_with_other_document_ids_than_the_models_are_refused(tmp_path, slimpajama_sample):
+    """SmolLM2's tokenizer.json is the same file whether documents end with <|endoftext|> (document_tokens.json, as
+    `make models` imports it) or with the instruct EOS <|im_end|>: only the manifest's ids tell the shards apart."""
+    from shortened.data.prepare import PrepareConfig, prepare_shards
+
+    framed, instruct = tmp_path / "framed", tmp_path / "instruct"
+    for folder in (framed, instruct):
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((SMOLLM2 / name).read_bytes())
+    (framed / "document_tokens.json").write_bytes((SMOLLM2 / "document_tokens.json").read_bytes())
+    shards = tmp_path / "shards"
+    prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="validation", tokenizer=str(framed),
+                                 output=str(shards), seq_len=128, workers=1, progress=False, verbose=False))
+    config = config_with(tmp_path, overrides=[f"data.path={shards}", "data.seq_len=128"])
+
+    data = data_identity(config, framed)
+    assert data["document_ids"] == (0, 0)  # <|endoftext|> both sides of a document
+    assert model_tokenizer(framed, data) == framed / "tokenizer.json"
+    with pytest.raises(ConfigError, match=r"model.init_from=.*instruct frames documents with bos/eos ids 1/2 .*"
+                                          r"packed with 0/0; .*document_tokens.json"):
+        model_tokenizer(instruct, data)

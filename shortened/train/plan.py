@@ -23,7 +23,7 @@ from shortened.data.mixture import MixtureState, SourceIndex, same_weights
 from shortened.data.shards import check_shards
 from shortened.data.sources import InputError, discover
 from shortened.model_dir import resolve_model_dir
-from shortened.tokenizer import TokenizerNotFound, load_tokenizer
+from shortened.tokenizer import DOCUMENT_TOKENS_FILE, TokenizerNotFound, load_tokenizer
 from shortened.train.branch import set_aside_past
 from shortened.train.checkpoint import (
     CONFIG_FILE,
@@ -132,6 +132,7 @@ def data_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
                           "sequence); prepare shards from a larger input")
     index = SourceIndex.from_manifest(manifest)
     return {"seq_len": manifest["seq_len"], "tokenizer_sha256": manifest["tokenizer_sha256"],
+            "document_ids": (manifest.get("bos_id"), manifest.get("eos_id")),
             "data_fingerprint": manifest.get("fingerprint"), "num_sequences": manifest["num_sequences"],
             "vocab_size": manifest.get("vocab_size"), "source_sizes": index.sizes() if index else None}
 
@@ -153,21 +154,38 @@ def stream_identity(config: RunConfig, model_dir: Path) -> dict[str, Any]:
             "data_fingerprint": "stream:" + hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
 
-def model_tokenizer(model_dir: Path, data_sha256: str) -> Path | None:
-    """The model's tokenizer file (copied into checkpoints and exports), checked against the shards' tokenizer."""
+def model_tokenizer(model_dir: Path, data: dict[str, Any]) -> Path | None:
+    """The model's tokenizer file (copied into checkpoints and exports), checked against the shards' tokenizer and
+    the ids they framed documents with."""
     try:
         tokenizer = load_tokenizer(model_dir)
     except TokenizerNotFound:
         log.warning("%s has no tokenizer.model / tokenizer.json: checkpoints and exports will lack a tokenizer",
                     model_dir)
         return None
-    if tokenizer.sha256 != data_sha256:
+    if tokenizer.sha256 != data["tokenizer_sha256"]:
         raise ConfigError(
             f"model.init_from={model_dir} has tokenizer {tokenizer.path.name} with sha256 {tokenizer.sha256[:12]}..., "
-            f"but data.path shards were tokenized with sha256 {data_sha256[:12]}...; prepare the shards with this "
-            "model's tokenizer"
+            f"but data.path shards were tokenized with sha256 {data['tokenizer_sha256'][:12]}...; prepare the shards "
+            "with this model's tokenizer"
         )
+    check_document_ids(model_dir, (tokenizer.bos_id, tokenizer.eos_id), data.get("document_ids"))
     return tokenizer.path
+
+
+def check_document_ids(model_dir: Path, model_ids: tuple[int, int], data_ids: tuple[int | None, int | None] | None
+                       ) -> None:
+    """The same tokenizer file can frame documents with other ids (`document_tokens.json` names them, e.g. SmolLM2's
+    <|endoftext|> instead of the instruct EOS <|im_end|>): the sha256 alone would let such shards train silently with
+    separators the exported model never sees. Manifests older than the ids' record are not checked."""
+    if data_ids is None or None in data_ids or tuple(data_ids) == model_ids:
+        return
+    raise ConfigError(
+        f"model.init_from={model_dir} frames documents with bos/eos ids {model_ids[0]}/{model_ids[1]} (its "
+        f"tokenizer_config.json or {DOCUMENT_TOKENS_FILE}), but the data.path shards were packed with "
+        f"{data_ids[0]}/{data_ids[1]}; prepare the shards again with this model's tokenizer directory, or copy the "
+        f"{DOCUMENT_TOKENS_FILE} they were packed with into the model"
+    )
 
 
 def check_data_fits(config: RunConfig, data: dict[str, Any], hf_config: dict[str, Any]) -> None:
@@ -290,7 +308,7 @@ def decide_plan(config: RunConfig, world_size: int) -> RunPlan:
     hf_config = hf_config_dict(model_dir)
     identity = RunIdentity(seq_len=data["seq_len"], tokenizer_sha256=data["tokenizer_sha256"],
                            data_fingerprint=data["data_fingerprint"], architecture=architecture(hf_config))
-    tokenizer_file = model_tokenizer(model_dir, data["tokenizer_sha256"])
+    tokenizer_file = model_tokenizer(model_dir, data)
     check_data_fits(config, data, hf_config)
     if config.distill.enabled:
         check_teacher(config.distill, hf_config, model_dir, data["tokenizer_sha256"], data["seq_len"])
