@@ -186,7 +186,7 @@ def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.N
     from shortened.ports import free_port
 
     steps = args.tokens // (SEQUENCES_PER_STEP * SEQ_LEN)
-    every = max(1, steps // args.points)
+    every = math.ceil(steps / args.points)
     run_dir = args.work / "recovery" / f"{name}_{pruned.name}"
     cmd = [Path(sys.executable).parent / "deepspeed", "--num_gpus", 2, "--master_port", free_port(), "launch/cpt.py",
            "--config", RECIPE, f"model.init_from={pruned}", f"data.path={shards['train']}", f"data.seq_len={SEQ_LEN}",
@@ -195,14 +195,22 @@ def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.N
            "log.every_steps=1", "log.tensorboard=false", "eval.mode=inline", f"eval.every_steps={every}",
            f"eval.data_dir={EVAL_DATA}", "eval.tasks=[wikitext2]", f"eval.limit={args.ppl_windows}",
            f"data.validation_path={shards['validation']}", f"run_dir={run_dir}", *extra]
-    run(f"{name} from {pruned.name}: {steps} steps of {SEQUENCES_PER_STEP} x {SEQ_LEN} tokens", cmd,
-        done=_finished_marker(run_dir, steps))
+    finished = run_dir / "finished.json"
+    if _evaluated_at(run_dir, steps):
+        finished.write_text(json.dumps({"steps": steps}) + "\n")
+    run(f"{name} from {pruned.name}: {steps} steps of {SEQUENCES_PER_STEP} x {SEQ_LEN} tokens", cmd, done=finished)
+    if _evaluated_at(run_dir, steps):
+        # The report reads results.jsonl and train_log.jsonl; the checkpoints (weights and Adam moments, 1.8 GB each,
+        # two kept a run) only served a resume, and a grid's worth of them filled the disk.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return run_dir
 
 
-def _finished_marker(run_dir: Path, steps: int) -> Path:
-    """The run's last checkpoint's marker: there only when every step (and its evaluation) is done."""
-    return run_dir / "checkpoints" / f"step_{steps:08d}" / "complete.json"
+def _evaluated_at(run_dir: Path, step: int) -> bool:
+    """Whether the run's inline evaluation at `step` is on record (the last step's comes after its checkpoint)."""
+    results = run_dir / "results.jsonl"
+    return results.is_file() and any(row["step"] == step and row["task"] == "validation" and row["status"] == "ok"
+                                     for row in map(json.loads, results.read_text().splitlines()))
 
 
 def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) -> Path:
@@ -220,7 +228,7 @@ def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) ->
         [sys.executable, "launch/lora.py", "--model", pruned, "--data", data, "--out", out, "--epochs", 1,
          "--lr", 1e-4, "--micro-batch-size", 2, "--grad-accum", LORA_EXAMPLES_PER_STEP // 2, "--cutoff-len", SEQ_LEN,
          "--warmup-steps", 2, "--seed", 1234, "--dtype", "float32", "--device", "cpu",
-         "--save-every-steps", max(1, steps // args.points), "--keep-last", args.points + 1],
+         "--save-every-steps", math.ceil(steps / args.points), "--keep-last", args.points + 1],
         done=out / "merged" / "config.json")
     for checkpoint in complete_checkpoints(out / "checkpoints"):
         rows = out / f"eval_{checkpoint.name}.jsonl"
