@@ -2,7 +2,7 @@
 
     python bench/recovery.py criteria [--work bench_out/recovery] [--ratios 0.2 0.35] [--limit 200]
                                       [--ppl-windows 200] [--zero-shot all | source ppl_0.2 ...]
-    python bench/recovery.py recovery [--recovery-ratios 0.2 0.6] [--tokens 40960] [--points 4]
+    python bench/recovery.py recovery [--recovery-ratios 0.2 0.6] [--tokens 40960] [--points 4] [--seeds 1234 ...]
     python bench/recovery.py efficiency [--efficiency-blocks 23 12]
     python bench/recovery.py report [--work ...]          # the tables again, from what the work folder holds
 
@@ -19,13 +19,15 @@ criteria (the v1 paper's Table 2 at small scale): every criterion of `launch/pru
 recovery (the v2 paper's CPT vs LoRA, Minitron's KD vs next-token loss): from each PPL-pruned model (the same start
     for every arm), on the same SlimPajama sample tokenized by SmolLM2's tokenizer (256-token sequences):
     `cpt`, `deepspeed launch/cpt.py` (tiny-cpu.yaml: 2 CPU ranks, ZeRO-2; fp32, 8 sequences a step, AdamW
-    0.9/0.95, wd 0.1, lr 1e-4 cosine, seed 1234); `kd`, the same with distill.teacher = the unpruned
+    0.9/0.95, wd 0.1, lr 1e-4 cosine, data and train seed 1234); `kd`, the same with distill.teacher = the unpruned
     model (KL only, T 1); `lora`, `launch/lora.py` (r 8 on every projection, lr 1e-4, 8 examples a step) on the
     train split's documents as plain-text records, about --tokens of them. CPT and KD evaluate inline at step 0 and
     every --tokens / --points: WikiText-2 perplexity (--ppl-windows) and the loss on the validation shards; LoRA
     saves its adapter --points times, and each is merged (float32) and scored the same way by launch/evaluate.py.
     Reported: each curve, and the tokens KD needs to reach plain CPT's final WikiText-2 perplexity (interpolated
-    between points; goal: at most half of CPT's).
+    between points; goal: at most half of CPT's). Each of --seeds repeats the three arms from the same pruned start
+    with that seed as the data order (CPT, KD: data.seed and train.seed) or the LoRA seed (order and adapter init);
+    seed 1234's runs are named without a suffix, another's end in _seedN.
 efficiency: `bench/efficiency.py` on the 30-block source and PPL-pruned models of --efficiency-blocks blocks (23: the
     20 % model; 12: the paper's 2.7B-like share of blocks kept), batch 1 and 16, 128 new tokens.
 
@@ -68,6 +70,7 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     "angular": ("--no-protect",),
 }
 SEQ_LEN = 256
+DEFAULT_SEED = 1234
 SOURCE_BLOCKS = 30  # SmolLM2-135M's decoder blocks
 SEQUENCES_PER_STEP = 8  # tiny-cpu.yaml: micro 2 x accumulation 2 x 2 ranks
 LORA_EXAMPLES_PER_STEP = 8  # as many documents a LoRA step as CPT has sequences
@@ -181,16 +184,23 @@ def prepare_shards(args: argparse.Namespace) -> dict[str, Path]:
     return shards
 
 
-def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.Namespace, *extra: str) -> Path:
+def arm_dir(work: Path, arm: str, pruned_name: str, seed: int) -> Path:
+    """Where one arm's run lives (the first seed's runs carry no suffix: they predate --seeds)."""
+    return work / "recovery" / (f"{arm}_{pruned_name}" + ("" if seed == DEFAULT_SEED else f"_seed{seed}"))
+
+
+def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.Namespace, seed: int,
+              *extra: str) -> Path:
     """One `deepspeed launch/cpt.py` run from `pruned` on 2 CPU ranks, evaluated inline at step 0 and --points times."""
     from shortened.ports import free_port
 
     steps = args.tokens // (SEQUENCES_PER_STEP * SEQ_LEN)
     every = math.ceil(steps / args.points)
-    run_dir = args.work / "recovery" / f"{name}_{pruned.name}"
+    run_dir = arm_dir(args.work, name, pruned.name, seed)
     cmd = [Path(sys.executable).parent / "deepspeed", "--num_gpus", 2, "--master_port", free_port(), "launch/cpt.py",
            "--config", RECIPE, f"model.init_from={pruned}", f"data.path={shards['train']}", f"data.seq_len={SEQ_LEN}",
-           f"train.max_tokens={steps * SEQUENCES_PER_STEP * SEQ_LEN}", "train.precision=fp32", "train.seed=1234",
+           f"train.max_tokens={steps * SEQUENCES_PER_STEP * SEQ_LEN}", "train.precision=fp32", f"train.seed={seed}",
+           f"data.seed={seed}",
            "optim.lr=1e-4", f"optim.warmup_steps={max(1, steps // 20)}", f"checkpoint.every_steps={every}",
            "log.every_steps=1", "log.tensorboard=false", "eval.mode=inline", f"eval.every_steps={every}",
            f"eval.data_dir={EVAL_DATA}", "eval.tasks=[wikitext2]", f"eval.limit={args.ppl_windows}",
@@ -213,7 +223,7 @@ def _evaluated_at(run_dir: Path, step: int) -> bool:
                                      for row in map(json.loads, results.read_text().splitlines()))
 
 
-def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) -> Path:
+def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace, seed: int) -> Path:
     """LoRA on the train split's documents (about --tokens of them), its adapter saved --points times; each saved
     adapter merged (float32) and evaluated like CPT's inline points, on the same windows and validation sequences."""
     import torch
@@ -221,13 +231,13 @@ def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace) ->
     from shortened.prune.lora import merge_lora
     from shortened.prune.lora_checkpoint import complete_checkpoints
 
-    out = args.work / "recovery" / f"lora_{pruned.name}"
+    out = arm_dir(args.work, "lora", pruned.name, seed)
     data = lora_text(args)
     steps = math.ceil(len(data.read_text().splitlines()) / LORA_EXAMPLES_PER_STEP)
     run(f"LoRA from {pruned.name} on {data.name}: {steps} steps",
         [sys.executable, "launch/lora.py", "--model", pruned, "--data", data, "--out", out, "--epochs", 1,
          "--lr", 1e-4, "--micro-batch-size", 2, "--grad-accum", LORA_EXAMPLES_PER_STEP // 2, "--cutoff-len", SEQ_LEN,
-         "--warmup-steps", 2, "--seed", 1234, "--dtype", "float32", "--device", "cpu",
+         "--warmup-steps", 2, "--seed", seed, "--dtype", "float32", "--device", "cpu",
          "--save-every-steps", math.ceil(steps / args.points), "--keep-last", args.points + 1],
         done=out / "merged" / "config.json")
     for checkpoint in complete_checkpoints(out / "checkpoints"):
@@ -293,9 +303,10 @@ def recovery(args: argparse.Namespace) -> None:
          shards["validation"], "--results", teacher_rows], done=teacher_rows)
     for ratio in args.recovery_ratios:
         pruned = prune("ppl", ratio, args.work)
-        train_arm("cpt", pruned, shards, args)
-        train_arm("kd", pruned, shards, args, f"distill.teacher={MODEL}")
-        lora_arm(pruned, shards, args)
+        for seed in args.seeds:
+            train_arm("cpt", pruned, shards, args, seed)
+            train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}")
+            lora_arm(pruned, shards, args, seed)
     recovery_report(args)
 
 
@@ -304,11 +315,12 @@ def recovery_report(args: argparse.Namespace) -> None:
     import distill
 
     lines = []
-    for ratio in args.recovery_ratios:
+    for ratio, seed in itertools.product(args.recovery_ratios, args.seeds):
         name = f"ppl_{ratio:g}"
-        curves = {arm: distill.eval_points(args.work / "recovery" / f"{arm}_{name}") for arm in ("cpt", "kd")
-                  if (args.work / "recovery" / f"{arm}_{name}" / "results.jsonl").is_file()}
-        lines.append(f"\n{name}: tokens | " + " | ".join(f"{arm} PPL / val loss" for arm in curves))
+        dirs = {arm: arm_dir(args.work, arm, name, seed) for arm in ("cpt", "kd", "lora")}
+        curves = {arm: distill.eval_points(dirs[arm]) for arm in ("cpt", "kd")
+                  if (dirs[arm] / "results.jsonl").is_file()}
+        lines.append(f"\n{name}, seed {seed}: tokens | " + " | ".join(f"{arm} PPL / val loss" for arm in curves))
         for index, point in enumerate(curves.get("cpt", [])):
             cells = [f"{c[index].wikitext2_ppl:.1f} / {c[index].validation_loss:.3f}"
                      for c in curves.values() if index < len(c) and c[index].wikitext2_ppl is not None]
@@ -320,9 +332,8 @@ def recovery_report(args: argparse.Namespace) -> None:
             share = ("never" if reach is None
                      else f"{reach:.0f} tokens ({reach / curves['cpt'][-1].tokens:.2f} of CPT's)")
             lines.append(f"  KD reaches CPT's final WikiText-2 PPL {target:.1f}: {share}")
-        lora_dir = args.work / "recovery" / f"lora_{name}"
-        if (lora_dir / "train_log.jsonl").is_file():
-            for step, tokens, ppl, loss in lora_points(lora_dir):
+        if (dirs["lora"] / "train_log.jsonl").is_file():
+            for step, tokens, ppl, loss in lora_points(dirs["lora"]):
                 lines.append(f"  LoRA step {step}, {tokens} loss tokens: WikiText-2 PPL {ppl:.1f}, "
                              f"validation loss {loss:.3f}")
     text = "\n".join(lines)
@@ -391,6 +402,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--recovery-ratios", type=float, nargs="+", default=[0.2, 0.6])
     parser.add_argument("--tokens", type=int, default=40960, help="training tokens of each recovery arm")
     parser.add_argument("--points", type=int, default=4, help="inline evaluations of CPT and KD after step 0")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED],
+                        help="data orders (and LoRA inits) each recovery arm is run with, from the same pruned start")
     parser.add_argument("--efficiency-blocks", type=int, nargs="+", default=[23, 12],
                         help="block counts of the pruned models the efficiency bench times beside the 30-block source")
     parser.add_argument("--zero-shot", nargs="+", default=["all"],
