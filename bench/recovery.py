@@ -129,11 +129,19 @@ def read_scores(work: Path, name: str) -> Scores | None:
     files = [work / "eval" / f"{name}.{kind}.jsonl" for kind in ("ppl", "zs")]
     if not files[0].is_file():
         return None
-    rows = [json.loads(line) for file in files if file.is_file() for line in file.read_text().splitlines()]
-    ok = [r for r in rows if r["status"] == "ok" and r["primary"]]
-    accuracy = {r["task"]: (r["value"], r["stderr"]) for r in ok if r["task"] in ZERO_SHOT}
+    ok = _primary_rows(*files)
     perplexity = {r["task"]: r["value"] for r in ok if r["task"] in PERPLEXITY}
-    return Scores(accuracy, perplexity)
+    return Scores(_accuracy(files[1]), perplexity)
+
+
+def _accuracy(rows_file: Path) -> dict[str, tuple[float, float | None]]:
+    """Task -> (value, stderr) of the zero-shot rows `launch/evaluate.py --results` wrote (empty: no such file)."""
+    return {r["task"]: (r["value"], r["stderr"]) for r in _primary_rows(rows_file) if r["task"] in ZERO_SHOT}
+
+
+def _primary_rows(*files: Path) -> list[dict]:
+    rows = [json.loads(line) for file in files if file.is_file() for line in file.read_text().splitlines()]
+    return [r for r in rows if r["status"] == "ok" and r["primary"]]
 
 
 def prune(criterion: str, ratio: float, work: Path) -> Path:
@@ -209,11 +217,19 @@ def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.N
     if _evaluated_at(run_dir, steps):
         finished.write_text(json.dumps({"steps": steps}) + "\n")
     run(f"{name} from {pruned.name}: {steps} steps of {SEQUENCES_PER_STEP} x {SEQ_LEN} tokens", cmd, done=finished)
-    if _evaluated_at(run_dir, steps):
-        # The report reads results.jsonl and train_log.jsonl; the checkpoints (weights and Adam moments, 1.8 GB each,
-        # two kept a run) only served a resume, and a grid's worth of them filled the disk.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    last = run_dir / "checkpoints" / f"step_{steps:08d}" / "model"
+    if _evaluated_at(run_dir, steps) and last.is_dir():
+        # The report reads results.jsonl and train_log.jsonl, --final-zero-shot the final weights (the checkpoint's
+        # Hugging Face copy, kept); the rest (weights and Adam moments, 1.8 GB a checkpoint, two kept a run) only
+        # served a resume, and a grid's worth of them filled the disk.
+        last.rename(final_model(run_dir))
+        shutil.rmtree(run_dir / "checkpoints")
     return run_dir
+
+
+def final_model(run_dir: Path) -> Path:
+    """A finished arm's last weights as a Hugging Face model (LoRA's: the merged adapter)."""
+    return run_dir / ("merged" if run_dir.name.startswith("lora_") else "final_model")
 
 
 def _evaluated_at(run_dir: Path, step: int) -> bool:
@@ -304,10 +320,25 @@ def recovery(args: argparse.Namespace) -> None:
     for ratio in args.recovery_ratios:
         pruned = prune("ppl", ratio, args.work)
         for seed in args.seeds:
-            train_arm("cpt", pruned, shards, args, seed)
-            train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}")
-            lora_arm(pruned, shards, args, seed)
+            arms = [train_arm("cpt", pruned, shards, args, seed),
+                    train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}"),
+                    lora_arm(pruned, shards, args, seed)]
+            for run_dir in arms if args.final_zero_shot else []:
+                final_zero_shot(run_dir, args)
     recovery_report(args)
+
+
+def final_zero_shot(run_dir: Path, args: argparse.Namespace) -> None:
+    """The seven zero-shot tasks (--limit rows) on an arm's final weights, in fp32 (LoRA's merge is fp16), rows in
+    RUN_DIR/final.zs.jsonl; an arm finished before its final weights were kept has none to score (said so)."""
+    model, rows = final_model(run_dir), run_dir / "final.zs.jsonl"
+    if not (model / "config.json").is_file():
+        print(f"==> zero-shot tasks of {run_dir.name}'s final weights: not kept ({model}); run the arm again to have "
+              "them", flush=True)
+        return
+    run(f"zero-shot tasks of {run_dir.name}'s final weights",
+        [*EVALUATE, "--model", model, "--dtype", "float32", "--tasks", ",".join(ZERO_SHOT), "--limit", args.limit,
+         "--results", rows], done=rows)
 
 
 def recovery_report(args: argparse.Namespace) -> None:
@@ -336,6 +367,14 @@ def recovery_report(args: argparse.Namespace) -> None:
             for step, tokens, ppl, loss in lora_points(dirs["lora"]):
                 lines.append(f"  LoRA step {step}, {tokens} loss tokens: WikiText-2 PPL {ppl:.1f}, "
                              f"validation loss {loss:.3f}")
+        start = read_scores(args.work, name)
+        finals = {"start": start.accuracy if start else {}} | {arm: _accuracy(d / "final.zs.jsonl")
+                                                               for arm, d in dirs.items()}
+        for arm, accuracy in finals.items():
+            if len(accuracy) == len(ZERO_SHOT):
+                mean, se = Scores(accuracy, {}).mean
+                lines.append(f"  zero-shot ({arm}, {args.limit} rows a task): mean {100 * mean:.1f} ± {100 * se:.1f}; "
+                             + ", ".join(f"{t} {100 * accuracy[t][0]:.1f}" for t in ZERO_SHOT))
     text = "\n".join(lines)
     print(text)
     (args.work / "recovery.md").write_text(text + "\n")
@@ -402,6 +441,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--recovery-ratios", type=float, nargs="+", default=[0.2, 0.6])
     parser.add_argument("--tokens", type=int, default=40960, help="training tokens of each recovery arm")
     parser.add_argument("--points", type=int, default=4, help="inline evaluations of CPT and KD after step 0")
+    parser.add_argument("--final-zero-shot", action="store_true",
+                        help="also score each recovery arm's final weights on the zero-shot tasks (--limit rows)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED],
                         help="data orders (and LoRA inits) each recovery arm is run with, from the same pruned start")
     parser.add_argument("--efficiency-blocks", type=int, nargs="+", default=[23, 12],
