@@ -371,10 +371,14 @@ def recovery_report(args: argparse.Namespace) -> None:
         start = read_scores(args.work, name)
         finals = {"start": start.accuracy if start else {}} | {arm: _accuracy(d / "final.zs.jsonl")
                                                                for arm, d in dirs.items()}
+        source = read_scores(args.work, "source")
+        informative = informative_tasks(source, args.limit) if source and len(source.accuracy) == len(ZERO_SHOT) else []
         for arm, accuracy in finals.items():
             if len(accuracy) == len(ZERO_SHOT):
                 mean, se = Scores(accuracy, {}).mean
-                lines.append(f"  zero-shot ({arm}, {args.limit} rows a task): mean {100 * mean:.1f} ± {100 * se:.1f}; "
+                above = Scores({t: accuracy[t] for t in informative}, {}).mean if informative else (math.nan, math.nan)
+                lines.append(f"  zero-shot ({arm}, {args.limit} rows a task): mean {100 * mean:.1f} ± {100 * se:.1f}, "
+                             f"above-chance mean {100 * above[0]:.1f} ± {100 * above[1]:.1f}; "
                              + ", ".join(f"{t} {100 * accuracy[t][0]:.1f}" for t in ZERO_SHOT))
     text = "\n".join(lines)
     print(text)
@@ -391,14 +395,37 @@ def efficiency(args: argparse.Namespace) -> None:
     print(out.read_text())
 
 
+def chance(task: str, limit: int) -> float:
+    """What guessing scores on the task's first `limit` rows of the split lm-eval evaluates (test where the mirror
+    has one, as ARC and OpenBookQA, else validation): BoolQ's majority answer's share (a constant answer's score),
+    elsewhere the mean of 1 / the number of choices."""
+    folder = EVAL_DATA / task
+    split = folder / "test.jsonl" if (folder / "test.jsonl").is_file() else folder / "validation.jsonl"
+    rows = [json.loads(line) for line in split.read_text().splitlines()[:limit]]
+    if task == "boolq":
+        yes = sum(bool(r["label"]) for r in rows) / len(rows)
+        return max(yes, 1 - yes)
+    choices = {"piqa": lambda r: 2, "winogrande": lambda r: 2, "hellaswag": lambda r: len(r["endings"])}.get(
+        task, lambda r: len(r["choices"]["text"]))
+    return sum(1 / choices(r) for r in rows) / len(rows)
+
+
+def informative_tasks(source: Scores, limit: int) -> list[str]:
+    """The tasks the unpruned model answers above chance (by more than 2 standard errors): only on those can pruning
+    show damage; on the others a pruned model can "gain" by drifting toward the majority answer."""
+    return [t for t in ZERO_SHOT if source.accuracy[t][0] - chance(t, limit) > 2 * (source.accuracy[t][1] or 0.0)]
+
+
 def report(args: argparse.Namespace) -> None:
     """The criteria table (markdown) from what --work holds; written to WORK/criteria.md too."""
     work = args.work
-    lines = ["| model | blocks removed | params | WikiText-2 PPL | PTB PPL | 7-task mean ± se | "
-             + " | ".join(ZERO_SHOT) + " |", "|" + "---|" * (6 + len(ZERO_SHOT))]
     source = read_scores(work, "source")
+    informative = (informative_tasks(source, args.limit)
+                   if source is not None and len(source.accuracy) == len(ZERO_SHOT) else [])
+    lines = ["| model | blocks removed | params | WikiText-2 PPL | PTB PPL | 7-task mean ± se | "
+             "above-chance mean ± se | " + " | ".join(ZERO_SHOT) + " |", "|" + "---|" * (7 + len(ZERO_SHOT))]
     if source is not None:
-        lines.append(_row("SmolLM2-135M (30 blocks)", "-", _params(MODEL), source))
+        lines.append(_row("SmolLM2-135M (30 blocks)", "-", _params(MODEL), source, informative))
     for ratio in args.ratios:
         for criterion in CRITERIA:
             pruned = work / "pruned" / f"{criterion}_{ratio:g}"
@@ -407,17 +434,21 @@ def report(args: argparse.Namespace) -> None:
                 continue
             removed = sorted(json.loads((pruned / "prune_report.json").read_text())["removed_blocks"])
             lines.append(_row(f"{LABELS[criterion]} {ratio:.0%} ({SOURCE_BLOCKS - len(removed)} blocks)",
-                              " ".join(map(str, removed)), _params(pruned), scores))
+                              " ".join(map(str, removed)), _params(pruned), scores, informative))
+    if informative:
+        lines.append(f"\nabove chance (the source's score minus guessing, > 2 se, on {args.limit} rows): "
+                     + ", ".join(informative) + "; guessing scores " + ", ".join(
+                         f"{t} {100 * chance(t, args.limit):.1f}" for t in ZERO_SHOT))
     table = "\n".join(lines)
     print(table)
     (work / "criteria.md").write_text(table + "\n")
 
 
-def _row(name: str, removed: str, params: int, scores: Scores) -> str:
-    zero_shot = ["-"] * (1 + len(ZERO_SHOT))
+def _row(name: str, removed: str, params: int, scores: Scores, informative: list[str]) -> str:
+    zero_shot = ["-"] * (2 + len(ZERO_SHOT))
     if len(scores.accuracy) == len(ZERO_SHOT):
-        mean, se = scores.mean
-        zero_shot = [f"{100 * mean:.1f} ± {100 * se:.1f}"] + [
+        means = [scores.mean, Scores({t: scores.accuracy[t] for t in informative}, {}).mean if informative else None]
+        zero_shot = [f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}" if m else "-" for m in means] + [
             f"{100 * v:.1f} ± {100 * (s or 0):.1f}" for v, s in (scores.accuracy[t] for t in ZERO_SHOT)]
     return (f"| {name} | {removed} | {params / 1e6:.1f}M | {scores.perplexity['wikitext2']:.1f} | "
             f"{scores.perplexity['ptb']:.1f} | " + " | ".join(zero_shot) + " |")
