@@ -2,6 +2,7 @@
 
     python bench/recovery.py criteria [--work bench_out/recovery] [--ratios 0.2 0.35] [--limit 200]
                                       [--ppl-windows 200] [--zero-shot all | source ppl_0.2 ...]
+                                      [--criteria ppl bi ...] [--calib-seeds 1234 2024]
     python bench/recovery.py recovery [--recovery-ratios 0.2 0.6] [--tokens 40960] [--points 4] [--seeds 1234 ...]
     python bench/recovery.py efficiency [--efficiency-blocks 23 12]
     python bench/recovery.py report [--work ...]          # the tables again, from what the work folder holds
@@ -15,7 +16,8 @@ criteria (the v1 paper's Table 2 at small scale): every criterion of `launch/pru
     WikiText-2 / PTB perplexity (--limit windows of 128 tokens), as is the unpruned source. Protection as each
     criterion's paper uses it: PPL, BI (ShortGPT) and angular (Gromov et al.) none; Taylor+ and Magnitude+ keep the
     first 4 and last 2 blocks. Calibration: 10 windows of 128 tokens of the shared SlimPajama validation split
-    (the published protocol), seed 1234.
+    (the published protocol), seed 1234; each other --calib-seeds seed draws other windows and prunes again
+    (WORK/pruned/CRITERION_RATIO_calibSEED), which says how much a criterion's choice depends on its 1,280 tokens.
 recovery (the v2 paper's CPT vs LoRA, Minitron's KD vs next-token loss): from each PPL-pruned model (the same start
     for every arm), on the same SlimPajama sample tokenized by SmolLM2's tokenizer (256-token sequences):
     `cpt`, `deepspeed launch/cpt.py` (tiny-cpu.yaml: 2 CPU ranks, ZeRO-2; fp32, 8 sequences a step, AdamW
@@ -145,10 +147,15 @@ def _primary_rows(*files: Path) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and r["primary"]]
 
 
-def prune(criterion: str, ratio: float, work: Path) -> Path:
-    """One criterion's one-shot pruning at `ratio` of the parameters (WORK/pruned/CRITERION_RATIO)."""
+def pruned_name(criterion: str, ratio: float, calib_seed: int = DEFAULT_SEED) -> str:
+    """WORK/pruned/ and WORK/eval/ name of one pruning (the first calibration seed's carry no suffix)."""
+    return f"{criterion}_{ratio:g}" + ("" if calib_seed == DEFAULT_SEED else f"_calib{calib_seed}")
+
+
+def prune(criterion: str, ratio: float, work: Path, calib_seed: int = DEFAULT_SEED) -> Path:
+    """One criterion's one-shot pruning at `ratio` of the parameters (WORK/pruned/CRITERION_RATIO[_calibSEED])."""
     return _prune(criterion, ["--ratio", ratio], f"{LABELS[criterion]} at {ratio:.0%} of the parameters",
-                  work / "pruned" / f"{criterion}_{ratio:g}")
+                  work / "pruned" / pruned_name(criterion, ratio, calib_seed), calib_seed)
 
 
 def prune_to_blocks(blocks: int, work: Path) -> Path:
@@ -161,10 +168,10 @@ def prune_to_blocks(blocks: int, work: Path) -> Path:
     return _prune("ppl", ["--keep-blocks", blocks], f"PPL to {blocks} blocks", work / "pruned" / f"ppl_keep{blocks}")
 
 
-def _prune(criterion: str, amount: list, what: str, out: Path) -> Path:
-    run(f"prune by {what}",
+def _prune(criterion: str, amount: list, what: str, out: Path, calib_seed: int = DEFAULT_SEED) -> Path:
+    run(f"prune by {what} (calibration seed {calib_seed})",
         [sys.executable, "launch/prune.py", "--model", MODEL, "--criterion", criterion, *amount,
-         "--calib", CALIB, "--calib-samples", 10, "--calib-len", 128, "--seed", 1234, "--device", "cpu",
+         "--calib", CALIB, "--calib-samples", 10, "--calib-len", 128, "--seed", calib_seed, "--device", "cpu",
          *CRITERIA[criterion], "--out", out], done=out / "prune_report.json")
     return out
 
@@ -172,10 +179,9 @@ def _prune(criterion: str, amount: list, what: str, out: Path) -> Path:
 def criteria(args: argparse.Namespace) -> None:
     """Every pruned model and its perplexities first (minutes each), then the zero-shot tasks (the long part)."""
     models = {"source": MODEL}
-    for ratio in args.ratios:
-        for criterion in CRITERIA:
-            pruned = prune(criterion, ratio, args.work)
-            models[pruned.name] = pruned
+    for ratio, criterion, seed in itertools.product(args.ratios, args.criteria, args.calib_seeds):
+        pruned = prune(criterion, ratio, args.work, seed)
+        models[pruned.name] = pruned
     for name, model in models.items():
         perplexity(model, name, args)
     for name, model in models.items():
@@ -319,7 +325,7 @@ def recovery(args: argparse.Namespace) -> None:
         [*EVALUATE, "--model", MODEL, "--tasks", "wikitext2", "--limit", args.ppl_windows, "--validation-shards",
          shards["validation"], "--results", teacher_rows], done=teacher_rows, threads=CORES)
     for ratio in args.recovery_ratios:
-        pruned = prune("ppl", ratio, args.work)
+        pruned = prune("ppl", ratio, args.work)  # the first calibration seed's: every arm's start
         for seed in args.seeds:
             arms = [train_arm("cpt", pruned, shards, args, seed),
                     train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}"),
@@ -426,15 +432,15 @@ def report(args: argparse.Namespace) -> None:
              "above-chance mean ± se | " + " | ".join(ZERO_SHOT) + " |", "|" + "---|" * (7 + len(ZERO_SHOT))]
     if source is not None:
         lines.append(_row("SmolLM2-135M (30 blocks)", "-", _params(MODEL), source, informative))
-    for ratio in args.ratios:
-        for criterion in CRITERIA:
-            pruned = work / "pruned" / f"{criterion}_{ratio:g}"
-            scores = read_scores(work, pruned.name)
-            if scores is None:
-                continue
-            removed = sorted(json.loads((pruned / "prune_report.json").read_text())["removed_blocks"])
-            lines.append(_row(f"{LABELS[criterion]} {ratio:.0%} ({SOURCE_BLOCKS - len(removed)} blocks)",
-                              " ".join(map(str, removed)), _params(pruned), scores, informative))
+    for ratio, criterion, seed in itertools.product(args.ratios, args.criteria, args.calib_seeds):
+        pruned = work / "pruned" / pruned_name(criterion, ratio, seed)
+        scores = read_scores(work, pruned.name)
+        if scores is None:
+            continue
+        removed = sorted(json.loads((pruned / "prune_report.json").read_text())["removed_blocks"])
+        calibration = "" if seed == DEFAULT_SEED else f", calibration seed {seed}"
+        lines.append(_row(f"{LABELS[criterion]} {ratio:.0%} ({SOURCE_BLOCKS - len(removed)} blocks{calibration})",
+                          " ".join(map(str, removed)), _params(pruned), scores, informative))
     if informative:
         lines.append(f"\nabove chance (the source's score minus guessing, > 2 se, on {args.limit} rows): "
                      + ", ".join(informative) + "; guessing scores " + ", ".join(
@@ -468,6 +474,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("what", choices=("criteria", "recovery", "efficiency", "report"))
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out" / "recovery")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35])
+    parser.add_argument("--criteria", nargs="+", choices=list(CRITERIA), default=list(CRITERIA))
+    parser.add_argument("--calib-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
+                        help="seeds of the calibration windows' choice; each prunes again (criteria)")
     parser.add_argument("--limit", type=int, default=200, help="rows per zero-shot task (the shared rows hold 200)")
     parser.add_argument("--ppl-windows", type=int, default=200, help="128-token windows per perplexity set")
     parser.add_argument("--recovery-ratios", type=float, nargs="+", default=[0.2, 0.6])
