@@ -172,7 +172,7 @@ def _prune(criterion: str, amount: list, what: str, out: Path, calib_seed: int =
     run(f"prune by {what} (calibration seed {calib_seed})",
         [sys.executable, "launch/prune.py", "--model", MODEL, "--criterion", criterion, *amount,
          "--calib", CALIB, "--calib-samples", 10, "--calib-len", 128, "--seed", calib_seed, "--device", "cpu",
-         *CRITERIA[criterion], "--out", out], done=out / "prune_report.json")
+         *CRITERIA[criterion], "--out", out], done=out / "prune_report.json", threads=CORES)
     return out
 
 
