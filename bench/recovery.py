@@ -72,6 +72,7 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     "angular": ("--no-protect",),
 }
 SEQ_LEN = 256
+FINAL_MODEL = "final_model"  # a finished CPT / KD arm's last weights (Hugging Face); LoRA's are its `merged/`
 CORES = os.cpu_count() or 1  # a lone evaluation's threads
 DEFAULT_SEED = 1234
 SOURCE_BLOCKS = 30  # SmolLM2-135M's decoder blocks
@@ -87,18 +88,18 @@ class Scores:
     accuracy: dict[str, tuple[float, float | None]]  # task -> (value, stderr) of its reported metric
     perplexity: dict[str, float]
 
-    @property
-    def mean(self) -> tuple[float, float]:
-        """The 7-task mean and its stderr (the tasks' errors independent: sqrt(sum se^2) / n)."""
-        values = [value for value, _ in self.accuracy.values()]
-        errors = [se or 0.0 for _, se in self.accuracy.values()]
+    def mean(self, tasks: list[str] | tuple[str, ...] = ZERO_SHOT) -> tuple[float, float]:
+        """The mean over `tasks` and its stderr (the tasks' errors independent: sqrt(sum se^2) / n)."""
+        values = [self.accuracy[t][0] for t in tasks]
+        errors = [self.accuracy[t][1] or 0.0 for t in tasks]
         return sum(values) / len(values), math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
-def run(title: str, cmd: list, done: Path, threads: int = 1) -> None:
-    """Run one real command unless `done` exists; its output goes to the console. `threads`: OpenMP threads of its
-    process (one for the 2-rank training runs and data prep's workers, the cores for a lone evaluation)."""
-    if done.exists():
+def run(title: str, cmd: list, done: Path, threads: int = 1, finished: bool | None = None) -> None:
+    """Run one real command unless it is `finished` (default: `done` exists); its output goes to the console.
+    `threads`: OpenMP threads of its process (one for the 2-rank training runs and data prep's workers, the cores for
+    a lone evaluation)."""
+    if done.exists() if finished is None else finished:
         print(f"==> {title}: already there ({done})", flush=True)
         return
     print(f"\n==> {title}\n$ {' '.join(map(str, cmd))}", flush=True)
@@ -220,23 +221,17 @@ def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.N
            "log.every_steps=1", "log.tensorboard=false", "eval.mode=inline", f"eval.every_steps={every}",
            f"eval.data_dir={EVAL_DATA}", "eval.tasks=[wikitext2]", f"eval.limit={args.ppl_windows}",
            f"data.validation_path={shards['validation']}", f"run_dir={run_dir}", *extra]
-    finished = run_dir / "finished.json"
-    if _evaluated_at(run_dir, steps):
-        finished.write_text(json.dumps({"steps": steps}) + "\n")
-    run(f"{name} from {pruned.name}: {steps} steps of {SEQUENCES_PER_STEP} x {SEQ_LEN} tokens", cmd, done=finished)
+    # Done once its last evaluation is on record, which outlives the checkpoints deleted below.
+    run(f"{name} from {pruned.name}: {steps} steps of {SEQUENCES_PER_STEP} x {SEQ_LEN} tokens", cmd,
+        done=run_dir / "results.jsonl", finished=_evaluated_at(run_dir, steps))
     last = run_dir / "checkpoints" / f"step_{steps:08d}" / "model"
-    if _evaluated_at(run_dir, steps) and last.is_dir():
+    if last.is_dir():  # the run finished (run() raises otherwise) and its checkpoints are still there
         # The report reads results.jsonl and train_log.jsonl, --final-zero-shot the final weights (the checkpoint's
         # Hugging Face copy, kept); the rest (weights and Adam moments, 1.8 GB a checkpoint, two kept a run) only
         # served a resume, and a grid's worth of them filled the disk.
-        last.rename(final_model(run_dir))
+        last.rename(run_dir / FINAL_MODEL)
         shutil.rmtree(run_dir / "checkpoints")
     return run_dir
-
-
-def final_model(run_dir: Path) -> Path:
-    """A finished arm's last weights as a Hugging Face model (LoRA's: the merged adapter)."""
-    return run_dir / ("merged" if run_dir.name.startswith("lora_") else "final_model")
 
 
 def _evaluated_at(run_dir: Path, step: int) -> bool:
@@ -327,18 +322,19 @@ def recovery(args: argparse.Namespace) -> None:
     for ratio in args.recovery_ratios:
         pruned = prune("ppl", ratio, args.work)  # the first calibration seed's: every arm's start
         for seed in args.seeds:
-            arms = [train_arm("cpt", pruned, shards, args, seed),
-                    train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}"),
-                    lora_arm(pruned, shards, args, seed)]
-            for run_dir in arms if args.final_zero_shot else []:
-                final_zero_shot(run_dir, args)
+            cpt = train_arm("cpt", pruned, shards, args, seed)
+            kd = train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}")
+            lora = lora_arm(pruned, shards, args, seed)
+            finals = {cpt: cpt / FINAL_MODEL, kd: kd / FINAL_MODEL, lora: lora / "merged"}
+            for run_dir, model in finals.items() if args.final_zero_shot else ():
+                final_zero_shot(run_dir, model, args)
     recovery_report(args)
 
 
-def final_zero_shot(run_dir: Path, args: argparse.Namespace) -> None:
-    """The seven zero-shot tasks (--limit rows) on an arm's final weights, in fp32 (LoRA's merge is fp16), rows in
-    RUN_DIR/final.zs.jsonl; an arm finished before its final weights were kept has none to score (said so)."""
-    model, rows = final_model(run_dir), run_dir / "final.zs.jsonl"
+def final_zero_shot(run_dir: Path, model: Path, args: argparse.Namespace) -> None:
+    """The seven zero-shot tasks (--limit rows) on an arm's final weights `model`, in fp32 (LoRA's merge is fp16),
+    rows in RUN_DIR/final.zs.jsonl; an arm finished before its final weights were kept has none to score (said so)."""
+    rows = run_dir / "final.zs.jsonl"
     if not (model / "config.json").is_file():
         print(f"==> zero-shot tasks of {run_dir.name}'s final weights: not kept ({model}); run the arm again to have "
               "them", flush=True)
@@ -352,6 +348,7 @@ def recovery_report(args: argparse.Namespace) -> None:
     """Per ratio: each arm's WikiText-2 PPL and validation loss over tokens, and KD's tokens to CPT's final PPL."""
     import distill
 
+    informative = informative_tasks(read_scores(args.work, "source"), args.limit)
     lines = []
     for ratio, seed in itertools.product(args.recovery_ratios, args.seeds):
         name = f"ppl_{ratio:g}"
@@ -377,12 +374,10 @@ def recovery_report(args: argparse.Namespace) -> None:
         start = read_scores(args.work, name)
         finals = {"start": start.accuracy if start else {}} | {arm: _accuracy(d / "final.zs.jsonl")
                                                                for arm, d in dirs.items()}
-        source = read_scores(args.work, "source")
-        informative = informative_tasks(source, args.limit) if source and len(source.accuracy) == len(ZERO_SHOT) else []
         for arm, accuracy in finals.items():
             if len(accuracy) == len(ZERO_SHOT):
-                mean, se = Scores(accuracy, {}).mean
-                above = Scores({t: accuracy[t] for t in informative}, {}).mean if informative else (math.nan, math.nan)
+                scores = Scores(accuracy, {})
+                (mean, se), above = scores.mean(), scores.mean(informative) if informative else (math.nan, math.nan)
                 lines.append(f"  zero-shot ({arm}, {args.limit} rows a task): mean {100 * mean:.1f} ± {100 * se:.1f}, "
                              f"above-chance mean {100 * above[0]:.1f} ± {100 * above[1]:.1f}; "
                              + ", ".join(f"{t} {100 * accuracy[t][0]:.1f}" for t in ZERO_SHOT))
@@ -416,9 +411,12 @@ def chance(task: str, limit: int) -> float:
     return sum(1 / choices(r) for r in rows) / len(rows)
 
 
-def informative_tasks(source: Scores, limit: int) -> list[str]:
+def informative_tasks(source: Scores | None, limit: int) -> list[str]:
     """The tasks the unpruned model answers above chance (by more than 2 standard errors): only on those can pruning
-    show damage; on the others a pruned model can "gain" by drifting toward the majority answer."""
+    show damage; on the others a pruned model can "gain" by drifting toward the majority answer. None before the
+    source's seven tasks are scored."""
+    if source is None or len(source.accuracy) < len(ZERO_SHOT):
+        return []
     return [t for t in ZERO_SHOT if source.accuracy[t][0] - chance(t, limit) > 2 * (source.accuracy[t][1] or 0.0)]
 
 
@@ -426,8 +424,7 @@ def report(args: argparse.Namespace) -> None:
     """The criteria table (markdown) from what --work holds; written to WORK/criteria.md too."""
     work = args.work
     source = read_scores(work, "source")
-    informative = (informative_tasks(source, args.limit)
-                   if source is not None and len(source.accuracy) == len(ZERO_SHOT) else [])
+    informative = informative_tasks(source, args.limit)
     lines = ["| model | blocks removed | params | WikiText-2 PPL | PTB PPL | 7-task mean ± se | "
              "above-chance mean ± se | " + " | ".join(ZERO_SHOT) + " |", "|" + "---|" * (7 + len(ZERO_SHOT))]
     if source is not None:
@@ -453,7 +450,7 @@ def report(args: argparse.Namespace) -> None:
 def _row(name: str, removed: str, params: int, scores: Scores, informative: list[str]) -> str:
     zero_shot = ["-"] * (2 + len(ZERO_SHOT))
     if len(scores.accuracy) == len(ZERO_SHOT):
-        means = [scores.mean, Scores({t: scores.accuracy[t] for t in informative}, {}).mean if informative else None]
+        means = [scores.mean(), scores.mean(informative) if informative else None]
         zero_shot = [f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}" if m else "-" for m in means] + [
             f"{100 * v:.1f} ± {100 * (s or 0):.1f}" for v, s in (scores.accuracy[t] for t in ZERO_SHOT)]
     return (f"| {name} | {removed} | {params / 1e6:.1f}M | {scores.perplexity['wikitext2']:.1f} | "

@@ -16,6 +16,7 @@ from shortened.data.loader import build_train_loader
 from shortened.data.shards import PackedShards
 from shortened.modeling import build_tiny_llama
 from shortened.rng import capture_rng_state, restore_rng_state
+from shortened.tokenizer import DOCUMENT_TOKENS_FILE, copy_tokenizer
 from shortened.train import checkpoint as ckpt
 from shortened.train.branch import set_aside_past
 from shortened.train.distributed import first_host, launch_variables
@@ -330,9 +331,8 @@ def test_shards_framed_with_other_document_ids_than_the_models_are_refused(tmp_p
     framed, instruct = tmp_path / "framed", tmp_path / "instruct"
     for folder in (framed, instruct):
         folder.mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (folder / name).write_bytes((SMOLLM2 / name).read_bytes())
-    (framed / "document_tokens.json").write_bytes((SMOLLM2 / "document_tokens.json").read_bytes())
+        copy_tokenizer(SMOLLM2 / "tokenizer.json", folder)  # as pruning, checkpoints and exports copy it
+    (instruct / DOCUMENT_TOKENS_FILE).unlink()
     shards = tmp_path / "shards"
     prepare_shards(PrepareConfig(input=str(slimpajama_sample), split="validation", tokenizer=str(framed),
                                  output=str(shards), seq_len=128, workers=1, progress=False, verbose=False))

@@ -178,7 +178,7 @@ def check_document_ids(model_dir: Path, model_ids: tuple[int, int], data_ids: tu
     """The same tokenizer file can frame documents with other ids (`document_tokens.json` names them, e.g. SmolLM2's
     <|endoftext|> instead of the instruct EOS <|im_end|>): the sha256 alone would let such shards train silently with
     separators the exported model never sees. Manifests older than the ids' record are not checked."""
-    if data_ids is None or None in data_ids or tuple(data_ids) == model_ids:
+    if data_ids is None or None in data_ids or data_ids == model_ids:
         return
     raise ConfigError(
         f"model.init_from={model_dir} frames documents with bos/eos ids {model_ids[0]}/{model_ids[1]} (its "
