@@ -98,8 +98,10 @@ def test_kernel_settings_that_cannot_run_are_refused_before_loading(monkeypatch)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"Liger-Kernel is not installed; .*\.\[gpu\]"):
         check_kernels(ModelConfig(liger=True), False, torch.device("cuda", 0))
-    monkeypatch.setattr("torch._inductor.config.cpp.cxx", ("no-such-c++-compiler",))
-    with pytest.raises(ConfigError, match="train.compile=true: torch.compile needs a C\\+\\+ compiler"):
+    # inductor's own patch, not monkeypatch: monkeypatch's undo deletes a config entry reached through
+    # `config.cpp` (a proxy), and every later compile in the worker then fails on the missing `cpp.cxx`
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), \
+            pytest.raises(ConfigError, match="train.compile=true: torch.compile needs a C\\+\\+ compiler"):
         check_kernels(ModelConfig(), True, torch.device("cpu"))
 
 
