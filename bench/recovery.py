@@ -322,10 +322,16 @@ def recovery(args: argparse.Namespace) -> None:
     for ratio in args.recovery_ratios:
         pruned = prune("ppl", ratio, args.work)  # the first calibration seed's: every arm's start
         for seed in args.seeds:
-            cpt = train_arm("cpt", pruned, shards, args, seed)
-            kd = train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}")
-            lora = lora_arm(pruned, shards, args, seed)
-            finals = {cpt: cpt / FINAL_MODEL, kd: kd / FINAL_MODEL, lora: lora / "merged"}
+            finals = {}
+            if "cpt" in args.arms:
+                cpt = train_arm("cpt", pruned, shards, args, seed)
+                finals[cpt] = cpt / FINAL_MODEL
+            if "kd" in args.arms:
+                kd = train_arm("kd", pruned, shards, args, seed, f"distill.teacher={MODEL}")
+                finals[kd] = kd / FINAL_MODEL
+            if "lora" in args.arms:
+                lora = lora_arm(pruned, shards, args, seed)
+                finals[lora] = lora / "merged"
             for run_dir, model in finals.items() if args.final_zero_shot else ():
                 final_zero_shot(run_dir, model, args)
     recovery_report(args)
@@ -479,6 +485,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--recovery-ratios", type=float, nargs="+", default=[0.2, 0.6])
     parser.add_argument("--tokens", type=int, default=40960, help="training tokens of each recovery arm")
     parser.add_argument("--points", type=int, default=4, help="inline evaluations of CPT and KD after step 0")
+    parser.add_argument("--arms", nargs="+", choices=("cpt", "kd", "lora"), default=["cpt", "kd", "lora"],
+                        help="the recovery arms to run (a longer budget may leave out the slow, settled one)")
     parser.add_argument("--final-zero-shot", action="store_true",
                         help="also score each recovery arm's final weights on the zero-shot tasks (--limit rows)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED],

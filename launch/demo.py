@@ -143,12 +143,12 @@ def main() -> int:
           *protect, "--device", "cpu", "--out", pruned],
          done=pruned / "prune_report.json", threads=sizes)
 
-    # --output (values) is the curves' reference line; --results (rows with each value's stderr) feeds the table.
-    source_eval, source_rows = out / "source_eval.json", out / "source_eval.jsonl"
+    # its rows (each value with its stderr) are the table's reference row and the curves' reference line and band
+    source_rows = out / "source_eval.jsonl"
     step("evaluate the unpruned source model (the reference row of the table)",
          [sys.executable, "launch/evaluate.py", "--model", source, "--data-dir", EVAL_DATA,
           "--tasks", ",".join(sizes.tasks), "--limit", sizes.eval_limit, "--validation-shards", shards["validation"],
-          "--device", "cpu", "--output", source_eval, "--results", source_rows],
+          "--device", "cpu", "--results", source_rows],
          done=source_rows, threads=sizes)
 
     inline_eval = ("eval.mode=inline", f"eval.every_steps={sizes.eval_every}", f"eval.data_dir={EVAL_DATA}",
@@ -169,7 +169,7 @@ def main() -> int:
 
     labels = [part for label in runs for part in ("--label", label)]
     step("draw the curves", [sys.executable, "launch/plot_curves.py", *runs.values(), *labels, "--reference",
-                             source_eval, "--reference-label", f"source ({sizes.layers} blocks, unpruned)",
+                             source_rows, "--reference-label", f"source ({sizes.layers} blocks, unpruned)",
                              "--output", out / "curves.png"])
     print_summary(out, source, pruned, runs, source_rows, sizes, tuned)
     print_times(time.time() - started)

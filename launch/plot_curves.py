@@ -2,9 +2,10 @@
 against a reference model (the unpruned source) as a dashed line per panel.
 
     python launch/plot_curves.py RUN_DIR [RUN_DIR ...] [--output curves.png] [--label NAME ...]
-        [--reference source_eval.json [--reference-label "source (unpruned)"]]
+        [--reference source_eval.jsonl [--reference-label "source (unpruned)"]]
 
-The reference is the JSON `launch/evaluate.py --model SOURCE --output source_eval.json` writes.
+The reference is what `launch/evaluate.py --model SOURCE` writes: the rows of `--results source_eval.jsonl` (the
+line shaded ±1 stderr) or the values JSON of `--output source_eval.json` (a line only).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="default: RUN_DIR/curves.png for one run, ./curves.png for several")
     parser.add_argument("--label", action="append", dest="labels", metavar="NAME",
                         help="legend name of a run, once per RUN_DIR in the same order (default: the directory name)")
-    parser.add_argument("--reference", metavar="FILE.json",
-                        help="launch/evaluate.py --output JSON of a model, drawn as a dashed line per panel")
+    parser.add_argument("--reference", metavar="FILE.jsonl",
+                        help="launch/evaluate.py --results rows (or --output JSON) of a model, drawn as a dashed line "
+                             "per panel")
     parser.add_argument("--reference-label", default=DEFAULT_REFERENCE_LABEL, metavar="NAME",
                         help=f"legend name of the reference (default: {DEFAULT_REFERENCE_LABEL})")
     args = parser.parse_args(argv)

@@ -71,6 +71,16 @@ def _dashed(ax) -> list[float]:
     return [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
 
 
+def _spans(ax) -> list[tuple[float, float]]:
+    """The (low, high) of each horizontal band across the panel (the reference's ±stderr)."""
+    return [(patch.get_y(), patch.get_y() + patch.get_height()) for patch in ax.patches]
+
+
+def _legend(fig) -> list[str]:
+    assert len(fig.legends) == 1, fig.legends
+    return [text.get_text() for text in fig.legends[0].get_texts()]
+
+
 def test_mean_row_names_its_members_and_combines_their_stderr():
     members = [ok_row("boolq", "acc", 0.6, 0.03, primary=True), ok_row("piqa", "acc", 0.7, 0.04, primary=True)]
     row = mean_row(members, seconds=2.0)
@@ -94,10 +104,9 @@ def test_curves_compare_runs_against_the_reference_model(tmp_path):
     panels = _panels(fig)
     assert list(panels) == ["boolq (acc)", "hellaswag (acc_norm)", "zero_shot_mean (mean)", "wikitext2 (ppl)",
                             "ptb (ppl)"]  # in the order the suite ran them, the mean after its tasks
-    for title, ax in panels.items():
-        labels = [text.get_text() for text in ax.get_legend().get_texts()]
-        assert labels == ["pruned + CPT", "pruned + CPT + KD"] + (["source (unpruned)"] if title != "ptb (ppl)"
-                                                                  else []), title
+    # one legend under the panels, none inside them (a panel's legend covered the lines it named)
+    assert all(ax.get_legend() is None for ax in panels.values())
+    assert _legend(fig) == ["pruned + CPT", "pruned + CPT + KD", "source (unpruned)"]
     assert _dashed(panels["boolq (acc)"]) == [0.8] and _dashed(panels["hellaswag (acc_norm)"]) == [0.6]
     assert _dashed(panels["wikitext2 (ppl)"]) == [12.0] and _dashed(panels["ptb (ppl)"]) == []
     source = json.loads(reference.read_text())
@@ -133,8 +142,28 @@ def test_no_reference_mean_when_the_reference_lacks_a_member_task(tmp_path):
     panels = _panels(fig)
     assert _dashed(panels["boolq (acc)"]) == [0.8]
     assert _dashed(panels["zero_shot_mean (mean)"]) == [] and _dashed(panels["hellaswag (acc_norm)"]) == []
-    assert [t.get_text() for t in panels["boolq (acc)"].get_legend().get_texts()] == ["cpt", "cpt-kd",
-                                                                                      "source (unpruned)"]
+    assert _legend(fig) == ["cpt", "cpt-kd", "source (unpruned)"]
+    plt.close(fig)
+
+
+def test_a_reference_given_as_rows_is_shaded_by_its_stderr(tmp_path):
+    """The rows `launch/evaluate.py --results` writes carry each value's stderr: the reference line gets its band,
+    and the mean panel the members' stderr combined as mean_row combines them."""
+    runs, _ = _runs_and_reference(tmp_path)
+    reference = tmp_path / "source_eval.jsonl"
+    append_rows(reference, stamp([*_zero_shot(0.7, 0.5), ok_row("wikitext2", "ppl", 12.0, primary=True)],
+                                 run="source", step=0, tokens=0, source="evaluate"))
+    append_rows(reference, stamp([ok_row("boolq", "acc", 0.8, 0.03, primary=True)],  # evaluated again: newest wins
+                                 run="source", step=0, tokens=0, source="evaluate"))
+    fig = curves_figure(runs, reference=reference)
+    panels = _panels(fig)
+    assert _dashed(panels["boolq (acc)"]) == [0.8] and _spans(panels["boolq (acc)"]) == [
+        (pytest.approx(0.77), pytest.approx(0.83))]
+    mean_se = math.sqrt(0.03**2 + 0.02**2) / 2
+    assert _dashed(panels["zero_shot_mean (mean)"]) == [pytest.approx(0.65)]
+    assert _spans(panels["zero_shot_mean (mean)"]) == [(pytest.approx(0.65 - mean_se), pytest.approx(0.65 + mean_se))]
+    assert _dashed(panels["wikitext2 (ppl)"]) == [12.0] and _spans(panels["wikitext2 (ppl)"]) == []  # no stderr
+    assert _legend(fig) == ["cpt", "cpt-kd", "source (unpruned)"]
     plt.close(fig)
 
 
@@ -154,6 +183,7 @@ def test_plot_curves_cli(tmp_path):
                                                "`launch/evaluate.py"),
     (["{run}", "--reference", "list.json"], "list.json: not the {task: {metric: value}} JSON"),
     (["{run}", "--reference", "torn.json"], "torn.json: cannot read the reference as JSON"),
+    (["{run}", "--reference", "failed.jsonl"], "failed.jsonl: no ok rows of `launch/evaluate.py --results`"),
     (["{run}", "{run}", "--label", "only one"], "1 label(s) for 2 run director(ies)"),
     (["{run}", "{run}"], "run label(s) cpt given to more than one run"),
     (["{run}", "{run}", "--label", "a", "--label", "b", "--label", "c"], "3 label(s) for 2 run director(ies)"),
@@ -162,6 +192,8 @@ def test_plot_curves_bad_input(argv, fragment, tmp_path, monkeypatch, capsys):
     runs, _ = _runs_and_reference(tmp_path)
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "torn.json").write_text('{"boolq": {"acc"')
+    append_rows(tmp_path / "failed.jsonl", stamp([failed_row("boolq", "acc", "Traceback: OOM")], run="source", step=0,
+                                                 tokens=0, source="evaluate"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(ROOT / "launch/plot_curves.py"),
                                       *(arg.format(run=runs[0]) for arg in argv)])

@@ -1,7 +1,9 @@
 """`curves.png`: each task's reported metric against training tokens, one line per run, runs overlaid.
 
-A reference model (the unpruned source, evaluated once by `launch/evaluate.py --output`) is a dashed horizontal
-line in every panel it has a value for; zero-shot points are shaded ±1 stderr as lm-eval reports it. A run trained
+A reference model (the unpruned source, evaluated once by `launch/evaluate.py`) is a dashed horizontal line in
+every panel it has a value for, shaded ±1 stderr when it is given as rows (`--results`); zero-shot points are shaded
+±1 stderr as lm-eval reports it. One legend under the panels names the runs and the reference (a legend in each
+panel covered the lines it names). A run trained
 under a mixture (data.mixture, data.dynamic) also gets a panel of its domain weights over tokens, from the
 `domain_weights` of its train_log.jsonl; dynamic loading's per-domain validation losses (validation/SOURCE rows) are
 panels beside the validation loss.
@@ -30,7 +32,7 @@ DEFAULT_REFERENCE_LABEL = "source (unpruned)"
 SHADING_NOTE = "shaded: ±1 stderr (lm-eval)"
 
 Panel = tuple[str, str]  # (task, metric)
-Reference = dict[str, dict[str, Any]]  # launch/evaluate.py's JSON: {task: {metric: value or None}}
+LEGEND_ROW_INCHES = 0.3
 
 
 class CurvesInputError(ValueError):
@@ -49,6 +51,13 @@ class Curves:
     series: dict[Panel, dict[str, list[Point]]] = field(default_factory=dict)  # panel -> run label -> points
     mean_members: set[tuple[tuple[str, str], ...]] = field(default_factory=set)  # of every mean row drawn
     weights: dict[str, dict[str, list[Point]]] = field(default_factory=dict)  # run label -> source -> weights
+
+
+@dataclass
+class Reference:
+    """One model's figures: each panel's value and, where its rows carried one, lm-eval's stderr."""
+    values: dict[Panel, float]
+    stderr: dict[Panel, float] = field(default_factory=dict)
 
 
 def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None) -> Curves:
@@ -95,26 +104,44 @@ def domain_weights(train_log: Path) -> dict[str, list[Point]]:
 
 
 def load_reference(path: str | Path) -> Reference:
-    """The `{task: {metric: value}}` JSON `launch/evaluate.py --output` writes (values only: it has no stderr)."""
+    """A model's figures from either file `launch/evaluate.py` writes: the rows of `--results FILE.jsonl` (each value
+    with its stderr; the newest ok row of a task and metric wins) or the `{task: {metric: value}}` JSON of
+    `--output` (values only)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such reference file; write it with "
+                                "`launch/evaluate.py --model SOURCE_MODEL ... --results FILE.jsonl`")
+    return _reference_rows(path) if path.suffix == ".jsonl" else _reference_json(path)
+
+
+def _reference_rows(path: Path) -> Reference:
+    latest = {(row["task"], row["metric"]): row
+              for row in sorted(read_results(path), key=lambda r: r.get("time") or 0)
+              if row.get("status") == "ok" and _finite(row.get("value"))}
+    if not latest:
+        raise CurvesInputError(f"{path}: no ok rows of `launch/evaluate.py --results` to draw as the reference")
+    return Reference({panel: float(row["value"]) for panel, row in latest.items()},
+                     {panel: float(row["stderr"]) for panel, row in latest.items() if _finite(row.get("stderr"))})
+
+
+def _reference_json(path: Path) -> Reference:
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such reference file; write it with "
-                                "`launch/evaluate.py --model SOURCE_MODEL ... --output FILE.json`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CurvesInputError(f"{path}: cannot read the reference as JSON ({err})") from None
     if not (isinstance(data, dict) and all(isinstance(metrics, dict) for metrics in data.values())):
         raise CurvesInputError(f"{path}: not the {{task: {{metric: value}}}} JSON `launch/evaluate.py --output` "
-                               "writes")
-    return data
+                               "writes (or rows of --results, named *.jsonl)")
+    return Reference({(task, metric): float(value) for task, metrics in data.items()
+                      for metric, value in metrics.items() if _finite(value)})
 
 
-def reference_values(reference: Reference, curves: Curves) -> dict[Panel, float]:
-    """The reference's value for each panel of `curves` it has; the mean panel gets the reference's mean over the
-    runs' mean members, taken as `results.mean_row` takes it, and nothing when it cannot be the same mean."""
-    values = {panel: float(reference[panel[0]][panel[1]]) for panel in curves.series if panel != MEAN_PANEL
-              and _finite(reference.get(panel[0], {}).get(panel[1]))}
+def reference_values(reference: Reference, curves: Curves) -> dict[Panel, tuple[float, float | None]]:
+    """(value, stderr or None) of the reference for each panel of `curves` it has; the mean panel gets the reference's
+    mean over the runs' mean members, taken as `results.mean_row` takes it (value and stderr), and nothing when it
+    cannot be the same mean."""
+    values = {panel: (reference.values[panel], reference.stderr.get(panel)) for panel in curves.series
+              if panel != MEAN_PANEL and panel in reference.values}
     if MEAN_PANEL not in curves.series:
         return values
     if len(curves.mean_members) != 1 or () in curves.mean_members:
@@ -122,11 +149,13 @@ def reference_values(reference: Reference, curves: Curves) -> dict[Panel, float]
                     ZERO_SHOT_MEAN)
         return values
     members = next(iter(curves.mean_members))
-    missing = [f"{task} ({metric})" for task, metric in members if not _finite(reference.get(task, {}).get(metric))]
+    missing = [f"{task} ({metric})" for task, metric in members if (task, metric) not in reference.values]
     if missing:
         log.warning("no reference line for %s: the reference has no %s", ZERO_SHOT_MEAN, ", ".join(missing))
         return values
-    values[MEAN_PANEL] = sum(float(reference[task][metric]) for task, metric in members) / len(members)
+    stderrs = [reference.stderr.get(member) for member in members]
+    stderr = None if None in stderrs else math.sqrt(sum(se * se for se in stderrs)) / len(members)
+    values[MEAN_PANEL] = (sum(reference.values[member] for member in members) / len(members), stderr)
     return values
 
 
@@ -161,10 +190,15 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
                 ax.fill_between(tokens, value - stderr, value + stderr, color=colours[label], alpha=0.2, linewidth=0)
                 shaded = True
         if panel in ref_values:
-            ax.axhline(ref_values[panel], color="black", linestyle="--", linewidth=1, label=reference_label)
+            value, stderr = ref_values[panel]
+            ax.axhline(value, color="black", linestyle="--", linewidth=1, label=reference_label)
+            spread = stderr or 0.0
+            if stderr:
+                ax.axhspan(value - stderr, value + stderr, color="black", alpha=0.1, linewidth=0)
+                shaded = True
             low, high = ax.get_ylim()  # a reference at the data's edge sat on the frame, where it cannot be seen
             pad = 0.05 * (high - low)
-            ax.set_ylim(min(low, ref_values[panel] - pad), max(high, ref_values[panel] + pad))
+            ax.set_ylim(min(low, value - spread - pad), max(high, value + spread + pad))
         ax.set_title(f"{panel[0]} ({panel[1]})", fontsize=10)
         ax.set_xlabel("training tokens")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
@@ -172,7 +206,6 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
         if _is_perplexity(panel) and min(values) > 0 and max(values) / min(values) > 3:
             ax.set_yscale("log")  # a pruned model starts at a PPL many times its final one
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     for ax, (label, weights) in zip(list(axes.flat)[len(panels):], curves.weights.items()):
         for source, points in weights.items():
             ax.step([p.tokens for p in points], [p.value for p in points], where="post", label=source)
@@ -186,8 +219,24 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
         ax.set_visible(False)
     if shaded:
         fig.suptitle(SHADING_NOTE, fontsize=8)
-    fig.tight_layout()
+    legend_rows = _figure_legend(fig, axes.flat[:len(panels)])
+    # room under the panels for the legend, and above them for the note
+    fig.tight_layout(rect=(0, legend_rows * LEGEND_ROW_INCHES / fig.get_figheight(), 1, 0.97 if shaded else 1))
     return fig
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Any]) -> int:
+    """One legend under the panels for every run and the reference (each drawn in one style across panels); returns
+    its rows."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if not entries:
+        return 0
+    columns = min(len(entries), 4)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    return math.ceil(len(entries) / columns)
 
 
 def plot_curves(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None,
