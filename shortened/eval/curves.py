@@ -153,8 +153,8 @@ def reference_values(reference: Reference, curves: Curves) -> dict[Panel, tuple[
     if missing:
         log.warning("no reference line for %s: the reference has no %s", ZERO_SHOT_MEAN, ", ".join(missing))
         return values
-    stderrs = [reference.stderr.get(member) for member in members]
-    stderr = None if None in stderrs else math.sqrt(sum(se * se for se in stderrs)) / len(members)
+    stderrs = [reference.stderr[member] for member in members if member in reference.stderr]
+    stderr = math.sqrt(sum(se * se for se in stderrs)) / len(members) if len(stderrs) == len(members) else None
     values[MEAN_PANEL] = (sum(reference.values[member] for member in members) / len(members), stderr)
     return values
 
@@ -190,15 +190,15 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
                 ax.fill_between(tokens, value - stderr, value + stderr, color=colours[label], alpha=0.2, linewidth=0)
                 shaded = True
         if panel in ref_values:
-            value, stderr = ref_values[panel]
-            ax.axhline(value, color="black", linestyle="--", linewidth=1, label=reference_label)
-            spread = stderr or 0.0
-            if stderr:
-                ax.axhspan(value - stderr, value + stderr, color="black", alpha=0.1, linewidth=0)
+            level, level_stderr = ref_values[panel]
+            ax.axhline(level, color="black", linestyle="--", linewidth=1, label=reference_label)
+            spread = level_stderr or 0.0
+            if spread:
+                ax.axhspan(level - spread, level + spread, color="black", alpha=0.1, linewidth=0)
                 shaded = True
             low, high = ax.get_ylim()  # a reference at the data's edge sat on the frame, where it cannot be seen
             pad = 0.05 * (high - low)
-            ax.set_ylim(min(low, value - spread - pad), max(high, value + spread + pad))
+            ax.set_ylim(min(low, level - spread - pad), max(high, level + spread + pad))
         ax.set_title(f"{panel[0]} ({panel[1]})", fontsize=10)
         ax.set_xlabel("training tokens")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
@@ -219,7 +219,7 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
         ax.set_visible(False)
     if shaded:
         fig.suptitle(SHADING_NOTE, fontsize=8)
-    legend_rows = _figure_legend(fig, axes.flat[:len(panels)])
+    legend_rows = _figure_legend(fig, list(axes.flat)[:len(panels)])
     # room under the panels for the legend, and above them for the note
     fig.tight_layout(rect=(0, legend_rows * LEGEND_ROW_INCHES / fig.get_figheight(), 1, 0.97 if shaded else 1))
     return fig
