@@ -14,6 +14,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from shortened.config import ConfigError, DistillConfig, RunConfig, load_config
 from shortened.data.loader import build_train_loader
 from shortened.data.shards import PackedShards
+from shortened.eval.validation import open_validation_shards
 from shortened.modeling import build_tiny_llama
 from shortened.rng import capture_rng_state, restore_rng_state
 from shortened.tokenizer import DOCUMENT_TOKENS_FILE, copy_tokenizer
@@ -323,7 +324,8 @@ def test_the_teacher_loads_frozen_on_the_rank_device_in_the_training_dtype(tiny_
     assert not teacher.training and teacher.config.use_cache is False
 
 
-def test_shards_framed_with_other_document_ids_than_the_models_are_refused(tmp_path, slimpajama_sample):
+def test_shards_framed_with_other_document_ids_than_the_models_are_refused_to_train_and_to_evaluate(
+        tmp_path, slimpajama_sample):
     """SmolLM2's tokenizer.json is the same file whether documents end with <|endoftext|> (document_tokens.json, as
     `make models` imports it) or with the instruct EOS <|im_end|>: only the manifest's ids tell the shards apart."""
     from shortened.data.prepare import PrepareConfig, prepare_shards
@@ -344,3 +346,8 @@ def test_shards_framed_with_other_document_ids_than_the_models_are_refused(tmp_p
     with pytest.raises(ConfigError, match=r"model.init_from=.*instruct frames documents with bos/eos ids 1/2 .*"
                                           r"packed with 0/0; .*document_tokens.json"):
         model_tokenizer(instruct, data)
+    # the validation loss (inline evaluation, launch/evaluate.py --validation-shards, dynamic loading) reads them too
+    assert len(open_validation_shards(shards, framed / "tokenizer.json")) > 0
+    with pytest.raises(ValueError, match=r"shards/manifest.json: the validation shards frame documents with bos/eos "
+                                         r"ids 0/0, but the model \(.*instruct\) frames them with 1/2"):
+        open_validation_shards(shards, instruct / "tokenizer.json")

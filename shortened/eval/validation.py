@@ -15,23 +15,44 @@ from shortened.data.mixture import SourceIndex
 from shortened.data.shards import PackedShards, open_shards, read_manifest
 from shortened.eval.scoring import nll_sum, window_nll
 from shortened.fsutil import file_sha256
+from shortened.tokenizer import DOCUMENT_TOKENS_FILE, load_tokenizer
 
 TASK = "validation"
 METRIC = "loss"
 
 
 def open_validation_shards(path: str | Path, tokenizer_file: str | Path) -> PackedShards:
+    """The shards, once their tokenizer and document separators are the model's (the trainer checks its data.path
+    the same way)."""
     expected = file_sha256(tokenizer_file)
-    data_sha256 = read_manifest(path)["tokenizer_sha256"]  # before the shard checks: the likelier mistake
+    manifest = read_manifest(path)
+    data_sha256 = manifest["tokenizer_sha256"]  # before the shard checks: the likelier mistake
     if data_sha256 != expected:
         raise ValueError(
             f"{Path(path) / 'manifest.json'}: shards were tokenized with tokenizer sha256 {data_sha256}, "
             f"but the model's {tokenizer_file} has {expected}; prepare the validation shards with the model's tokenizer"
         )
+    _check_document_ids(Path(path), manifest, Path(tokenizer_file))
     shards = open_shards(path)
     if len(shards) == 0:
         raise ValueError(f"{path}: the shards hold no complete sequence")
     return shards
+
+
+def _check_document_ids(path: Path, manifest: dict, tokenizer_file: Path) -> None:
+    """One tokenizer file can frame documents with other ids (`document_tokens.json`: SmolLM2's <|endoftext|> or the
+    instruct EOS <|im_end|>); the loss over such shards scores separators the model is not trained to predict.
+    Manifests older than the ids' record are not checked."""
+    framed = manifest.get("bos_id"), manifest.get("eos_id")
+    tokenizer = load_tokenizer(tokenizer_file)
+    if None in framed or framed == (tokenizer.bos_id, tokenizer.eos_id):
+        return
+    raise ValueError(
+        f"{path / 'manifest.json'}: the validation shards frame documents with bos/eos ids {framed[0]}/{framed[1]}, "
+        f"but the model ({tokenizer_file.parent}) frames them with {tokenizer.bos_id}/{tokenizer.eos_id} (its "
+        f"tokenizer_config.json or {DOCUMENT_TOKENS_FILE}); prepare the validation shards with the model's tokenizer "
+        "directory"
+    )
 
 
 def validation_nll(model: torch.nn.Module, shards: PackedShards, batch_size: int, rank: int = 0,
