@@ -32,6 +32,7 @@ from shortened.fsutil import atomic_write_json
 from shortened.modeling import train_flops_per_token
 from shortened.rng import load_rng_state, restore_rng_state, seed_everything
 from shortened.train import checkpoint as ckpt
+from shortened.train.build_locks import BuildLockWatcher
 from shortened.train.distributed import (
     DistEnv,
     all_gather_ints,
@@ -74,6 +75,8 @@ class TrainResult:
 def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
     """Run (or resume) the job described by `config` on this rank; collective over all ranks."""
     stop = StopRequest().install()  # first: a preemption during start-up still gets its checkpoint
+    # ops are compiled or loaded under a lock file in init_distributed and deepspeed.initialize (in _build)
+    build_locks = BuildLockWatcher.start_on_local_rank_0()
     env = setup_distributed(config.train.dist_timeout_s)
     try:
         plan = plan_run(config, env)
@@ -85,6 +88,8 @@ def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
             return TrainResult(plan.start_step, start_tokens, "done", plan.checkpoint.path if plan.checkpoint else None)
         seed_everything(config.train.seed + env.rank)
         engine = _build(config, env, plan)
+        if build_locks is not None:
+            build_locks.stop()
         apply_timeout_to_all_groups(config.train.dist_timeout_s)
         if plan.checkpoint is not None:
             _resume(engine, config, env, plan, plan.checkpoint)
@@ -93,6 +98,8 @@ def train(config: RunConfig, hooks: Sequence[TrainerHook] = ()) -> TrainResult:
         dynamic = start_dynamic(config, env, plan.run_dir, plan.tokenizer_file, plan.mixture, teacher)
         return _loop(engine, config, env, plan, hooks, stop, objective, teacher_flops, dynamic)
     finally:
+        if build_locks is not None:
+            build_locks.stop()
         shutdown()
 
 
