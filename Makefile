@@ -54,7 +54,7 @@ test: setup
 # real model scored (test_smollm2, ~30-50 s).
 SLOW_TESTS := test_train_dist test_train_distill test_train_bf16 test_train_faults test_multinode test_preemption \
 	test_demo test_eval_dist test_lora test_docs_commands test_eval_zero_shot test_eval_faults test_eval_watch \
-	test_prune_efficiency test_mixture test_dynamic test_llama3 test_smollm2 test_tied
+	test_prune_efficiency test_mixture test_dynamic test_llama3 test_smollm2 test_tied test_build_locks_job
 test-fast: setup
 	$(PY) -m pytest $(XDIST) $(foreach t,$(SLOW_TESTS),--ignore=tests/$(t).py) $(PYTEST_ARGS)
 

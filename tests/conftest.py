@@ -40,7 +40,8 @@ LONGEST_FIRST = ("test_train_dist.py",  # ~450 s
                  "test_train_compile.py",  # 110-150 with inductor's cache warm, ~450 cold on a loaded box
                  "test_lora.py", "test_prune.py", "test_eval_watch.py", "test_eval_dist.py",  # 45-70
                  "test_mixture.py", "test_llama3.py", "test_dynamic.py",  # ~60-110 on a loaded box
-                 "test_train_distill.py", "test_multinode.py", "test_eval_zero_shot.py")  # 35-45
+                 "test_train_distill.py", "test_multinode.py", "test_eval_zero_shot.py",  # 35-45
+                 "test_build_locks_job.py")  # ~40
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
