@@ -52,16 +52,19 @@ def extension_root(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def held_open(lock: Path, proc: Path | None = None) -> bool | None:
-    """Whether a process of this machine has `lock` open; None when that cannot be told (no /proc, or a process
-    whose descriptors this user may not read)."""
+    """Whether a process of this machine has `lock` open; None when that cannot be told (no /proc, or a process of
+    the lock's owner whose descriptors may not be read). Only the owner's processes are looked at: the lock lives
+    in that user's extension folder, and other users' descriptors are unreadable to anyone but root."""
     proc = PROC if proc is None else proc
     if not proc.is_dir():
         return None
-    target, unreadable = str(lock.resolve()), False
+    target, owner, unreadable = str(lock.resolve()), lock.stat().st_uid, False
     for pid in proc.iterdir():
         if not pid.name.isdigit():
             continue
         try:
+            if pid.stat().st_uid != owner:
+                continue
             fds = list((pid / "fd").iterdir())
         except PermissionError:
             unreadable = True
@@ -83,9 +86,9 @@ def stale_reason(lock: Path, now: float | None = None, proc: Path | None = None)
     try:
         age = now - lock.stat().st_mtime
         quiet = now - max(path.stat().st_mtime for path in [lock.parent, *lock.parent.iterdir()])
+        held = held_open(lock, proc)
     except FileNotFoundError:
         return None  # released meanwhile
-    held = held_open(lock, proc)
     if held is False and age >= GRACE_S:
         return f"no process on this machine holds it and it is {age:.0f} s old"
     if held is None and quiet >= QUIET_S:
