@@ -385,6 +385,8 @@ def recovery_report(args: argparse.Namespace) -> None:
     for ratio, seed in itertools.product(args.recovery_ratios, args.seeds):
         name = f"ppl_{ratio:g}"
         dirs = {arm: arm_dir(args.work, arm, name, seed) for arm in ("cpt", "kd", "lora")}
+        if not any(d.is_dir() for d in dirs.values()):
+            continue  # not run (yet) at this ratio and seed
         curves = {arm: distill.eval_points(dirs[arm]) for arm in ("cpt", "kd")
                   if (dirs[arm] / "results.jsonl").is_file()}
         accuracy = {arm: inline_accuracy(dirs[arm]) for arm in curves}
@@ -460,7 +462,8 @@ def informative_tasks(source: Scores | None, limit: int) -> list[str]:
 
 
 def report(args: argparse.Namespace) -> None:
-    """The criteria table (markdown) from what --work holds; written to WORK/criteria.md too."""
+    """The criteria table (markdown) and the recovery curves from what --work holds; written to WORK/criteria.md
+    and WORK/recovery.md too."""
     work = args.work
     source = read_scores(work, "source")
     informative = informative_tasks(source, args.limit)
@@ -484,6 +487,7 @@ def report(args: argparse.Namespace) -> None:
     table = "\n".join(lines)
     print(table)
     (work / "criteria.md").write_text(table + "\n")
+    recovery_report(args)
 
 
 def _row(name: str, removed: str, params: int, scores: Scores, informative: list[str]) -> str:
