@@ -17,12 +17,13 @@ sequence, tokenized with the source model's own tokenizer (the LLaMA tokenizer f
     - natural: `data.mixture` at the natural weights (each source's share of the samples), read through the mixture
       sampler: the same batches as the dynamic run until its first update, so the two differ by the updates alone;
     - dynamic: `data.dynamic.every_steps=--every`, `reference=model` with the unpruned source as the reference model,
-      each update scoring the first `--update-sequences` validation sequences of each domain.
+      each update scoring `--update-sequences` validation sequences of each domain, spread over the domain's.
     Each run saves a Hugging Face model `--points` times. This process scores every point (and step 0, the pruned
-    model) on the first `--eval-sequences` validation sequences of every domain (a domain's whole split when it has
-    fewer; the updates' sequences are among them, as in Sheared-LLaMA, whose updates and reports share one
-    validation set), and the source model on the same sequences; reported per point: each domain's gap (loss -
-    source's loss), their mean and their max.
+    model) on `--eval-sequences` validation sequences of every domain, spread the same way (a domain's whole split
+    when it has fewer; when --eval-sequences is a multiple of --update-sequences the updates' sequences are among
+    them, as in Sheared-LLaMA, whose updates and reports share one validation set), and the source model on the same
+    sequences; reported per point: each domain's gap (loss - source's loss), their mean and their max. (Runs measured
+    before 2026-12-07's change scored each domain's first sequences.)
 (2) Loader throughput. One process (one core, num_workers 0, torch at one thread) reads micro-batches of the
     by-source training shards at the recipe's global batch of 512: in the global order (today's loader), under the
     natural mixture, and under a skewed mixture (the dynamic run's last weights), alternated, the median of
@@ -167,7 +168,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def domain_losses(model_dir: Path, validation: Path, limit: int) -> dict[str, float]:
-    """The first `limit` validation sequences of every domain, scored in fp32 on this process."""
+    """`limit` validation sequences of every domain (spread over its own), scored in fp32 on this process."""
     import torch
     from transformers import AutoModelForCausalLM
 

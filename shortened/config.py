@@ -75,7 +75,8 @@ class DynamicConfig:
               "data.dynamic.reference_model, measured once at the start and kept in the run directory")
     reference_model: str = setting("", "with reference=model: the Hugging Face model directory whose losses are the "
                                        "reference, normally the unpruned source; empty: distill.teacher")
-    eval_sequences: int = setting(0, "validation sequences per domain scored at each update (0: all of them)")
+    eval_sequences: int = setting(0, "validation sequences per domain scored at each update, spread over the "
+                                     "domain's (0: all of them)")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "data.dynamic.every_steps", "must be >= 0 (0: off)")
@@ -259,8 +260,8 @@ class EvalConfig:
     tasks: list[str] = setting(help="zero-shot tasks and perplexity sets of the task table",
                                factory=lambda: list(DEFAULT_EVAL_TASKS), sep=",")
     data_dir: str = setting("", "local mirror of the evaluation datasets")
-    limit: int = setting(0, "rows per zero-shot task and windows per perplexity/validation set (0: all; smoke tests "
-                            "only)")
+    limit: int = setting(0, "rows per zero-shot task, windows per perplexity set, validation sequences (spread over "
+                            "the split) (0: all; smoke tests only)")
     batch_size: int = setting(8, "sequences per evaluation forward pass")
     task_file: str = setting("", "task table: lm-eval YAML, reported metric, mirror files per task (\"\": the "
                                  "shipped one)")

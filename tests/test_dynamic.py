@@ -25,7 +25,7 @@ from shortened.eval.results import read_results
 from shortened.eval.validation import domain_validation_losses
 from shortened.modeling import build_tiny_llama, save_with_tokenizer
 from shortened.train import checkpoint as ckpt
-from shortened.train.dynamic import REFERENCE_FILE, check_dynamic
+from shortened.train.dynamic import REFERENCE_FILE, check_dynamic, kept_reference
 from shortened.train.plan import natural_mixture, plan_mixture
 
 from train_support import RECIPE, SEQ, overrides, python, read_log, run_ok, warm
@@ -91,7 +91,9 @@ def test_domain_losses_are_each_domains_mean_token_loss_and_the_same_bits_on_1_a
                                    reduce=lambda sums: [a + b for a, b in zip(sums, rank1_sums)])
     assert two == one  # bit for bit
     for source in SAMPLED:  # independently: transformers' own mean loss over each of the 7 sequences
-        ids = index.to_global(source, np.arange(7))
+        size = index.size(source)
+        assert size > 7  # so that 7 of them are spread, not all
+        ids = index.to_global(source, np.arange(7) * size // 7)
         with torch.no_grad():
             per_sequence = [model(input_ids=torch.as_tensor(shards[int(i)][None], dtype=torch.long),
                                   labels=torch.as_tensor(shards[int(i)][None], dtype=torch.long)).loss.item()
@@ -297,6 +299,28 @@ def test_a_reference_model_is_measured_once_kept_in_the_run_dir_and_read_back_on
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
     assert [r["step"] for r in log if "dynamic_losses" in r] == [4, 8, 12]
     assert all(r["kd_loss"] is not None for r in log)  # distilled throughout
+
+
+def test_kept_reference_losses_are_used_only_if_measured_on_the_same_sequences(tmp_path, caplog):
+    """A reference file written before the validation sequences were spread (no "sequences" key) holds the losses of
+    each domain's first ones: comparing them with the spread ones' would bias every update, so they are measured
+    again, and the log says on what each was measured."""
+    measured_on = {"model": "/m", "validation_path": "/v", "eval_sequences": 6, "sequences": "spread"}
+    path = tmp_path / REFERENCE_FILE
+    assert kept_reference(path, measured_on, ["A"]) is None  # no file: measured, nothing said
+    path.write_text(json.dumps({**measured_on, "losses": {"A": 2.5, "B": 3.0}}))
+    assert kept_reference(path, measured_on, ["A"]) == {"A": 2.5}
+    with caplog.at_level("INFO", logger="shortened.train.dynamic"):
+        assert kept_reference(path, measured_on, ["A", "C"]) is None  # a domain it has no loss of
+    assert "without C" in caplog.text and "unreadable" not in caplog.text
+    older = {key: value for key, value in measured_on.items() if key != "sequences"}
+    path.write_text(json.dumps({**older, "losses": {"A": 2.5}}))
+    with caplog.at_level("INFO", logger="shortened.train.dynamic"):
+        assert kept_reference(path, measured_on, ["A"]) is None
+    assert "'sequences': None" in caplog.text and "measuring the reference losses again" in caplog.text
+    path.write_text("[1, 2]")
+    assert kept_reference(path, measured_on, ["A"]) is None
+    assert "unreadable" in caplog.text
 
 
 def test_curves_show_the_domain_weights_over_tokens_and_each_domains_validation_loss(dynamic_runs):

@@ -2,6 +2,11 @@
 
 Every sequence of the shards is scored whole: the mean next-token loss over positions 1..seq_len-1, the quantity the
 trainer minimises. The shards' tokenizer must be the model's, or the number would be meaningless.
+
+A limit of n sequences scores n spread evenly over the split (or over one source's sequences), not its first n: the
+shards keep documents in order, and one long document fills many consecutive sequences (in the shared sample's
+validation split the first 200 sequences hold about 25 documents, 200 spread ones about 67), so a prefix measures a few
+documents' text, and which model leads can depend on which.
 """
 from __future__ import annotations
 
@@ -55,31 +60,39 @@ def _check_document_ids(path: Path, manifest: dict, tokenizer_file: Path) -> Non
     )
 
 
+def spread(count: int, limit: int) -> np.ndarray:
+    """`limit` of the indices 0..count-1 spread evenly over them, in order (all of them when `limit` is 0 or at
+    least `count`)."""
+    if not limit or limit >= count:
+        return np.arange(count, dtype=np.int64)
+    return np.arange(limit, dtype=np.int64) * count // limit
+
+
 def validation_nll(model: torch.nn.Module, shards: PackedShards, batch_size: int, rank: int = 0,
                    world_size: int = 1, limit: int = 0) -> tuple[float, int]:
-    """This rank's loss sum and predicted-token count over the first `limit` sequences (0: all)."""
-    count = min(limit, len(shards)) if limit else len(shards)
-    return nll_sum(model, _Prefix(shards, count), batch_size, rank, world_size, desc=TASK)
+    """This rank's loss sum and predicted-token count over `limit` sequences spread over the split (0: all)."""
+    return nll_sum(model, _Subset(shards, spread(len(shards), limit)), batch_size, rank, world_size, desc=TASK)
 
 
-class _Prefix:
-    """The first `n` sequences of the shards, as the sequence `nll_sum` indexes."""
+class _Subset:
+    """Some sequences of the shards, as the sequence `nll_sum` indexes."""
 
-    def __init__(self, shards: PackedShards, n: int) -> None:
-        self.shards, self.n = shards, n
+    def __init__(self, shards: PackedShards, ids: np.ndarray) -> None:
+        self.shards, self.ids = shards, ids
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.ids)
 
     def __getitem__(self, index: int):
-        return self.shards[index]
+        return self.shards[int(self.ids[index])]
 
 
 def domain_validation_losses(model: torch.nn.Module, shards: PackedShards, index: SourceIndex,
                              sources: Sequence[str], batch_size: int, limit: int = 0, rank: int = 0,
                              world_size: int = 1, reduce: Callable[[list[float]], list[float]] | None = None
                              ) -> dict[str, float]:
-    """Each source's mean next-token loss over its first `limit` validation sequences (0: all), on every rank.
+    """Each source's mean next-token loss over `limit` of its validation sequences spread over them (0: all), on
+    every rank.
 
     The same bits on any world size, because dynamic loading turns them into weights that pick samples: each source's
     sequences are cut into batches of `batch_size` (a batch's composition never depends on the ranks), batch b of the
@@ -89,7 +102,7 @@ def domain_validation_losses(model: torch.nn.Module, shards: PackedShards, index
     batches = []  # (source, global ids) in source order
     for source in sources:
         size = index.size(source)
-        ids = index.to_global(source, np.arange(min(limit, size) if limit else size, dtype=np.int64))
+        ids = index.to_global(source, spread(size, limit))
         batches += [(source, ids[lo : lo + batch_size]) for lo in range(0, len(ids), batch_size)]
     device = next(model.parameters()).device
     sums = [0.0] * len(batches)

@@ -117,15 +117,17 @@ class DynamicLoading:
         if isinstance(reference, dict):
             return {source: reference[source] for source in self.sampled}
         model_dir = self.settings.reference_model or config.distill.teacher
-        measured_on = {"model": str(Path(model_dir).resolve()), "validation_path": str(Path(
-            self.validation_path).resolve()), "eval_sequences": self.settings.eval_sequences}
-        kept = self._kept_reference(measured_on)
+        # "sequences": which ones were scored; a file from before they were spread has the first ones' losses
+        measured_on = {"model": str(Path(model_dir).resolve()),
+                       "validation_path": str(Path(self.validation_path).resolve()),
+                       "eval_sequences": self.settings.eval_sequences, "sequences": "spread"}
+        path = self.run_dir / REFERENCE_FILE
+        kept = kept_reference(path, measured_on, self.sampled) if self.env.is_main else None
         if self.env.world_size > 1:
             kept = broadcast_object(kept)  # type: ignore[assignment]  # rank 0 read the file for every rank
         if kept is not None:
             if self.env.is_main:
-                log.info("data.dynamic: reference losses of %s from %s: %s", model_dir, self.run_dir / REFERENCE_FILE,
-                         json.dumps(kept))
+                log.info("data.dynamic: reference losses of %s from %s: %s", model_dir, path, json.dumps(kept))
             return dict(kept)
         if teacher is not None and Path(model_dir).resolve() == Path(config.distill.teacher).resolve():
             losses = self.measure(teacher)  # the teacher is in memory already
@@ -135,35 +137,35 @@ class DynamicLoading:
             del model
             gc.collect()
         if self.env.is_main:
-            atomic_write_json({**measured_on, "losses": losses}, self.run_dir / REFERENCE_FILE)
+            atomic_write_json({**measured_on, "losses": losses}, path)
             log.info("data.dynamic: reference losses of %s on %s: %s (kept in %s)", model_dir, self.validation_path,
-                     json.dumps(losses), self.run_dir / REFERENCE_FILE)
-        return losses
-
-    def _kept_reference(self, measured_on: dict[str, Any]) -> dict[str, float] | None:
-        """Rank 0: the run directory's reference losses, if they were measured on the same model, shards and count
-        and name every sampled domain; else None (measured afresh, and said so when a file was there)."""
-        if not self.env.is_main:
-            return None
-        path = self.run_dir / REFERENCE_FILE
-        if not path.is_file():
-            return None
-        try:
-            kept = json.loads(path.read_text())
-            same = {key: kept[key] for key in measured_on} == measured_on
-            losses = {source: float(kept["losses"][source]) for source in self.sampled}
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s: unreadable; measuring the reference losses again", path)
-            return None
-        if not same:
-            log.info("%s was measured on %s; measuring the reference losses again on %s", path,
-                     {key: kept[key] for key in measured_on}, measured_on)
-            return None
+                     json.dumps(losses), path)
         return losses
 
     def _load(self, model_dir: str, config: RunConfig) -> torch.nn.Module:
         return load_teacher(DistillConfig(teacher=model_dir), config.train.precision, self.env.device,
                             config.model.attn_implementation)
+
+
+def kept_reference(path: Path, measured_on: dict[str, Any], sampled: list[str]) -> dict[str, float] | None:
+    """The reference losses kept in `path` (a run directory's reference_losses.json), if they were measured on the
+    same model, shards, count and choice of sequences and name every sampled domain; else None (measured afresh, and
+    said so when a file was there)."""
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+        measured = {key: kept.get(key) for key in measured_on}
+        losses = {source: float(loss) for source, loss in kept["losses"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s: unreadable; measuring the reference losses again", path)
+        return None
+    missing = [source for source in sampled if source not in losses]
+    if measured != measured_on or missing:
+        log.info("%s was measured on %s%s; measuring the reference losses again on %s", path, measured,
+                 f" without {', '.join(missing)}" if missing else "", measured_on)
+        return None
+    return {source: losses[source] for source in sampled}
 
 
 def start_dynamic(config: RunConfig, env: DistEnv, run_dir: Path, tokenizer_file: Path | None,
