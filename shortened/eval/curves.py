@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from shortened.eval.results import RESULTS_FILE, ZERO_SHOT_MEAN, read_results
 from shortened.eval.tasks import PERPLEXITY_METRIC
@@ -68,10 +68,7 @@ def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None)
         rows = read_results(run_dir / RESULTS_FILE)
         if not rows:
             raise FileNotFoundError(f"{run_dir / RESULTS_FILE}: no results to plot (is this a run directory?)")
-        latest: dict[tuple[str, str, int], dict] = {}
-        for row in sorted(rows, key=lambda r: r.get("time") or 0):
-            if row.get("status") == "ok" and row.get("primary"):
-                latest[(row["task"], row["metric"], row["tokens"])] = row
+        latest = _newest_ok(rows, lambda r: (r["task"], r["metric"], r["tokens"]), lambda r: bool(r.get("primary")))
         for (task, metric, tokens), row in latest.items():
             curves.series.setdefault((task, metric), {}).setdefault(label, []).append(
                 Point(tokens, row["value"], row.get("stderr")))
@@ -114,10 +111,15 @@ def load_reference(path: str | Path) -> Reference:
     return _reference_rows(path) if path.suffix == ".jsonl" else _reference_json(path)
 
 
+def _newest_ok(rows: list[dict], key: Callable[[dict], tuple], keep: Callable[[dict], bool]) -> dict[tuple, dict]:
+    """The newest ok row of each key among the rows `keep` accepts (a point evaluated again, e.g. after a resume,
+    has several)."""
+    return {key(row): row for row in sorted(rows, key=lambda r: r.get("time") or 0)
+            if row.get("status") == "ok" and keep(row)}
+
+
 def _reference_rows(path: Path) -> Reference:
-    latest = {(row["task"], row["metric"]): row
-              for row in sorted(read_results(path), key=lambda r: r.get("time") or 0)
-              if row.get("status") == "ok" and _finite(row.get("value"))}
+    latest = _newest_ok(read_results(path), lambda r: (r["task"], r["metric"]), lambda r: _finite(r.get("value")))
     if not latest:
         raise CurvesInputError(f"{path}: no ok rows of `launch/evaluate.py --results` to draw as the reference")
     return Reference({panel: float(row["value"]) for panel, row in latest.items()},
