@@ -32,10 +32,10 @@ def test_validation_loss_is_the_mean_next_token_loss(validation_shards, tokenize
     [row] = rows
     shards = open_shards(validation_shards)
     n = len(shards)
-    spread = [i * n // 5 for i in range(5)]  # the limit's 5 sequences, spread over the split: not a few documents
-    assert n > 50 and spread[-1] >= n * 4 // 5
+    spread_ids = [i * n // 5 for i in range(5)]  # the limit's 5 sequences, spread over the split: not a few documents
+    assert n > 50 and spread_ids[-1] >= n * 4 // 5
     with torch.no_grad():  # Hugging Face's own mean loss per sequence, averaged over equally long sequences
-        ids = [torch.as_tensor(shards[i])[None] for i in spread]
+        ids = [torch.as_tensor(shards[i])[None] for i in spread_ids]
         expected = sum(model(input_ids=x, labels=x).loss.item() for x in ids) / 5
         first = sum(model(input_ids=x, labels=x).loss.item() for x in (torch.as_tensor(shards[i])[None]
                                                                          for i in range(5))) / 5

@@ -25,7 +25,7 @@ from shortened.data.dynamic import updated_weights
 from shortened.data.mixture import MixtureState, SourceIndex
 from shortened.data.shards import PackedShards, read_manifest
 from shortened.eval.results import RESULTS_FILE, append_rows, ok_row, stamp
-from shortened.eval.validation import domain_validation_losses, open_validation_shards
+from shortened.eval.validation import domain_validation_losses, open_validation_shards, spread
 from shortened.fsutil import atomic_write_json
 from shortened.rng import preserved_rng_and_mode
 from shortened.train.distributed import DistEnv, all_reduce_sum, broadcast_object
@@ -104,8 +104,7 @@ class DynamicLoading:
         return DynamicUpdate(step, losses, dict(self.reference), dict(mixture.weights), after)
 
     def _sequences(self, source: str) -> int:
-        size, limit = self.index.size(source), self.settings.eval_sequences
-        return min(limit, size) if limit else size
+        return len(spread(self.index.size(source), self.settings.eval_sequences))
 
     def _reduce(self, values: list[float]) -> list[float]:
         return all_reduce_sum(values, self.env.device) if self.env.world_size > 1 else values
