@@ -342,6 +342,7 @@ def _documents(split: Path) -> Iterator[str]:
 def recovery(args: argparse.Namespace) -> None:
     shards = prepare_shards(args)
     teacher_rows = args.work / "eval" / "source_recovery.jsonl"
+    set_aside_unspread(teacher_rows)
     run("evaluate the unpruned model on the same windows and validation sequences",
         [*EVALUATE, "--model", MODEL, "--tasks", "wikitext2", "--limit", args.ppl_windows, "--validation-shards",
          shards["validation"], "--results", teacher_rows], done=teacher_rows, threads=CORES)
@@ -361,6 +362,19 @@ def recovery(args: argparse.Namespace) -> None:
             for run_dir, model in finals.items() if args.final_zero_shot else ():
                 final_zero_shot(run_dir, model, args)
     recovery_report(args)
+
+
+def set_aside_unspread(rows_file: Path) -> None:
+    """Rows whose validation loss predates spread sequences (no `sequences` mark: the split's first ones) are renamed
+    away, so the unpruned model is measured again on the sequences the arms' points now score."""
+    from shortened.eval.results import read_results
+
+    if rows_file.is_file() and any(row.get("task") == "validation" and "sequences" not in row
+                                   for row in read_results(rows_file)):
+        kept = rows_file.with_suffix(".first-sequences.jsonl")
+        rows_file.rename(kept)
+        print(f"==> {rows_file}: its validation loss was scored on the split's first sequences; kept as {kept} and "
+              "measured again on sequences spread over the split", flush=True)
 
 
 def final_zero_shot(run_dir: Path, model: Path, args: argparse.Namespace) -> None:

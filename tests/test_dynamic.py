@@ -213,7 +213,7 @@ def test_the_logged_weights_follow_from_the_logged_losses_by_the_update_rule(dyn
     rows = [r for r in read_results(dynamic_runs["full"] / "results.jsonl") if r["source"] == "dynamic"]
     assert {(r["step"], r["task"]): r["value"] for r in rows} == {
         (step, f"validation/{s}"): loss for step in updates for s, loss in log[step]["dynamic_losses"].items()}
-    assert {r["samples"] for r in rows} == {6}
+    assert {r["samples"] for r in rows} == {6} and {r["sequences"] for r in rows} == {"spread"}
 
 
 @pytest.mark.parametrize("resumed", ["two_ranks", "one_rank"])

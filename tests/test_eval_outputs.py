@@ -167,6 +167,32 @@ def test_a_reference_given_as_rows_is_shaded_by_its_stderr(tmp_path):
     plt.close(fig)
 
 
+def test_a_validation_curve_spanning_the_change_to_spread_sequences_is_named(tmp_path, caplog):
+    """A run resumed across the change that spread a limit's validation sequences has losses on two sets of text in
+    one curve: collect says which points are which instead of drawing the step as the model's."""
+    from shortened.eval.validation import loss_row
+
+    run = tmp_path / "kd"
+    first = ok_row("validation", "loss", 5.5, primary=True, samples=50)  # written before the mark existed
+    for tokens, row in ((0, first), (51_200, first), (102_400, loss_row("validation", 5.6, samples=50)),
+                        (102_400, ok_row("wikitext2", "ppl", 900.0, primary=True))):
+        append_rows(run / "results.jsonl", stamp([row], run="kd", step=tokens // 2048, tokens=tokens, source="inline"))
+    with caplog.at_level("WARNING", logger="shortened.eval.curves"):
+        collect([run])
+    [record] = caplog.records
+    assert str(run / "results.jsonl") in record.getMessage()
+    assert "first sequences at 0-51,200 tokens; spread sequences at 102,400-102,400 tokens" in record.getMessage()
+
+    caplog.clear()
+    clean = tmp_path / "cpt"
+    for tokens in (0, 51_200):
+        append_rows(clean / "results.jsonl", stamp([loss_row("validation", 5.5, samples=50)], run="cpt",
+                                                   step=tokens // 2048, tokens=tokens, source="inline"))
+    with caplog.at_level("WARNING", logger="shortened.eval.curves"):
+        collect([clean])
+    assert not caplog.records
+
+
 def test_plot_curves_cli(tmp_path):
     runs, reference = _runs_and_reference(tmp_path)
     out = warm_start.run([ROOT / "launch/plot_curves.py", *runs, "--output", tmp_path / "curves.png",

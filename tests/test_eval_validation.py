@@ -39,7 +39,7 @@ def test_validation_loss_is_the_mean_next_token_loss(validation_shards, tokenize
         expected = sum(model(input_ids=x, labels=x).loss.item() for x in ids) / 5
         first = sum(model(input_ids=x, labels=x).loss.item() for x in (torch.as_tensor(shards[i])[None]
                                                                          for i in range(5))) / 5
-    assert (row["task"], row["metric"], row["status"]) == ("validation", "loss", "ok")
+    assert (row["task"], row["metric"], row["status"], row["sequences"]) == ("validation", "loss", "ok", "spread")
     assert row["samples"] == 5 * 127 and abs(row["value"] - expected) < 1e-5
     assert abs(row["value"] - first) > 1e-3  # the first five are other text
 

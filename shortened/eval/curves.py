@@ -69,6 +69,7 @@ def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None)
         if not rows:
             raise FileNotFoundError(f"{run_dir / RESULTS_FILE}: no results to plot (is this a run directory?)")
         latest = _newest_ok(rows, lambda r: (r["task"], r["metric"], r["tokens"]), lambda r: bool(r.get("primary")))
+        _warn_mixed_sequences(run_dir, latest)
         for (task, metric, tokens), row in latest.items():
             curves.series.setdefault((task, metric), {}).setdefault(label, []).append(
                 Point(tokens, row["value"], row.get("stderr")))
@@ -82,6 +83,26 @@ def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None)
         for points in runs.values():
             points.sort()
     return curves
+
+
+def _warn_mixed_sequences(run_dir: Path, latest: dict[tuple, dict]) -> None:
+    """A run resumed across the change that spread a limit's validation sequences over the split (docs/evaluation.md)
+    has losses on two sets of sequences in one curve; the step between them is the text's, not the model's: say so."""
+    marks: dict[str, dict[str, list[int]]] = {}  # task -> sequences mark ("first" for unmarked rows) -> tokens
+    for (task, _metric, tokens), row in latest.items():
+        if task == VALIDATION_TASK or task.startswith(VALIDATION_TASK + "/"):
+            marks.setdefault(task, {}).setdefault(row.get("sequences", "first"), []).append(tokens)
+    for task, by_mark in marks.items():
+        if len(by_mark) > 1:
+            spans = "; ".join(f"{mark} sequences at {_token_span(tokens)} tokens"
+                              for mark, tokens in sorted(by_mark.items()))
+            log.warning("%s: the %s loss was scored on two sets of sequences (%s): the run spans the change that "
+                        "spread a limit's sequences over the split (docs/evaluation.md), so the step between them is "
+                        "the text's, not the model's", run_dir / RESULTS_FILE, task, spans)
+
+
+def _token_span(tokens: list[int]) -> str:
+    return f"{min(tokens):,}-{max(tokens):,}"
 
 
 def domain_weights(train_log: Path) -> dict[str, list[Point]]:

@@ -3,7 +3,9 @@
 A row: run, checkpoint, step, tokens, task, metric, value, stderr, primary (the metric the paper reports for the
 task), samples, seconds (the task's evaluation time), time (unix seconds when written), source (inline | watch |
 evaluate), status (ok | failed; then value is null and error holds the traceback). The zero-shot mean's row also
-has members ({task: metric} of the rows averaged), so a reference model's mean can be taken over the same tasks.
+has members ({task: metric} of the rows averaged), so a reference model's mean can be taken over the same tasks. A
+validation loss's row (validation, validation/SOURCE) has sequences: "spread" (shortened.eval.validation.SEQUENCES);
+one written before a limit took sequences spread over the split has none.
 """
 from __future__ import annotations
 

@@ -161,8 +161,8 @@ class EvalSuite:
         if failed:
             return failed
         total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        return [ok_row(validation.TASK, validation.METRIC, total / count, primary=True, samples=count,
-                       seconds=time.perf_counter() - start)]
+        return [validation.loss_row(validation.TASK, total / count, samples=count,
+                                    seconds=time.perf_counter() - start)]
 
     def _mean_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The plain mean of the reported metric of every zero-shot task marked `in_mean` (failed if one failed)."""

@@ -18,12 +18,23 @@ import torch
 
 from shortened.data.mixture import SourceIndex
 from shortened.data.shards import PackedShards, open_shards, read_manifest
+from shortened.eval.results import ok_row
 from shortened.eval.scoring import nll_sum, window_nll
 from shortened.fsutil import file_sha256
 from shortened.tokenizer import DOCUMENT_TOKENS_FILE, load_tokenizer
 
 TASK = "validation"
 METRIC = "loss"
+# Which sequences a limit scores, recorded beside every validation loss (results rows, dynamic loading's reference
+# file): a loss measured before they were spread (on the split's first n) has no mark, and is recognised as such
+# instead of being compared with a spread one as if the model had moved.
+SEQUENCES = "spread"
+
+
+def loss_row(task: str, loss: float, *, samples: int, seconds: float = 0.0) -> dict:
+    """A results row of a validation loss (`task`: validation, or validation/SOURCE), marked with the sequences it
+    was measured on."""
+    return {**ok_row(task, METRIC, loss, primary=True, samples=samples, seconds=seconds), "sequences": SEQUENCES}
 
 
 def open_validation_shards(path: str | Path, tokenizer_file: str | Path) -> PackedShards:

@@ -24,8 +24,8 @@ from shortened.config import ConfigError, DistillConfig, RunConfig
 from shortened.data.dynamic import updated_weights
 from shortened.data.mixture import MixtureState, SourceIndex
 from shortened.data.shards import PackedShards, read_manifest
-from shortened.eval.results import RESULTS_FILE, append_rows, ok_row, stamp
-from shortened.eval.validation import domain_validation_losses, open_validation_shards, spread
+from shortened.eval.results import RESULTS_FILE, append_rows, stamp
+from shortened.eval.validation import SEQUENCES, domain_validation_losses, loss_row, open_validation_shards, spread
 from shortened.fsutil import atomic_write_json
 from shortened.rng import preserved_rng_and_mode
 from shortened.train.distributed import DistEnv, all_reduce_sum, broadcast_object
@@ -97,8 +97,8 @@ class DynamicLoading:
         losses = self.measure(model)
         after = updated_weights(mixture.weights, losses, self.reference, self.settings.eta, self.settings.smoothing)
         if self.env.is_main:
-            rows = [ok_row(TASK_PREFIX + source, "loss", loss, primary=True,
-                           samples=self._sequences(source)) for source, loss in losses.items()]
+            rows = [loss_row(TASK_PREFIX + source, loss, samples=self._sequences(source))
+                    for source, loss in losses.items()]
             append_rows(self.run_dir / RESULTS_FILE, stamp(rows, run=self.run_dir.name, step=step, tokens=tokens,
                                                            source="dynamic"))
         return DynamicUpdate(step, losses, dict(self.reference), dict(mixture.weights), after)
@@ -119,7 +119,7 @@ class DynamicLoading:
         # "sequences": which ones were scored; a file from before they were spread has the first ones' losses
         measured_on = {"model": str(Path(model_dir).resolve()),
                        "validation_path": str(Path(self.validation_path).resolve()),
-                       "eval_sequences": self.settings.eval_sequences, "sequences": "spread"}
+                       "eval_sequences": self.settings.eval_sequences, "sequences": SEQUENCES}
         path = self.run_dir / REFERENCE_FILE
         kept = kept_reference(path, measured_on, self.sampled) if self.env.is_main else None
         if self.env.world_size > 1:
