@@ -394,6 +394,9 @@ def recovery_report(args: argparse.Namespace) -> None:
     """Per ratio: each arm's WikiText-2 PPL and validation loss over tokens, and KD's tokens to CPT's final PPL."""
     import distill
 
+    from shortened.eval.curves import mixed_validation_sequences
+    from shortened.eval.results import read_results
+
     informative = informative_tasks(read_scores(args.work, "source"), args.limit)
     lines = []
     for ratio, seed in itertools.product(args.recovery_ratios, args.seeds):
@@ -413,6 +416,9 @@ def recovery_report(args: argparse.Namespace) -> None:
                         else "")
                      for arm, c in curves.items() if index < len(c) and c[index].wikitext2_ppl is not None]
             lines.append(f"  {point.tokens:>8} | " + " | ".join(cells))
+        for arm in curves:  # a run resumed across the change to spread validation sequences (docs/evaluation.md)
+            for spans in mixed_validation_sequences(read_results(dirs[arm] / "results.jsonl")).values():
+                lines.append(f"  {arm}'s validation loss is not one curve: {spans}")
         if len(curves) == 2 and curves["cpt"] and curves["cpt"][-1].wikitext2_ppl is not None:
             target = curves["cpt"][-1].wikitext2_ppl
             ppl_curve = [distill.Point(p.step, p.tokens, p.wikitext2_ppl, None) for p in curves["kd"]]

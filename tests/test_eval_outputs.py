@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from shortened.eval.curves import collect, curves_figure
+from shortened.eval.curves import collect, curves_figure, mixed_validation_sequences
 from shortened.eval.report import paper_table, summary, write_summary
 from shortened.eval.results import append_rows, failed_row, mean_row, ok_row, read_results, stamp
 from shortened.model_dir import ModelDirError, resolve_model_dir
@@ -182,6 +182,11 @@ def test_a_validation_curve_spanning_the_change_to_spread_sequences_is_named(tmp
     [record] = caplog.records
     assert str(run / "results.jsonl") in record.getMessage()
     assert "first sequences at 0-51,200 tokens; spread sequences at 102,400-102,400 tokens" in record.getMessage()
+    # the same spans for the bench's report, from every row; a failed evaluation (no loss, no mark) is no set of text
+    append_rows(run / "results.jsonl", stamp([failed_row("validation", "loss", "Traceback: OOM")], run="kd", step=60,
+                                             tokens=122_880, source="inline"))
+    assert mixed_validation_sequences(read_results(run / "results.jsonl")) == {
+        "validation": "first sequences at 0-51,200 tokens; spread sequences at 102,400-102,400 tokens"}
 
     caplog.clear()
     clean = tmp_path / "cpt"

@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
 from shortened.eval.results import RESULTS_FILE, ZERO_SHOT_MEAN, read_results
 from shortened.eval.tasks import PERPLEXITY_METRIC
@@ -88,17 +88,23 @@ def collect(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None)
 def _warn_mixed_sequences(run_dir: Path, latest: dict[tuple, dict]) -> None:
     """A run resumed across the change that spread a limit's validation sequences over the split (docs/evaluation.md)
     has losses on two sets of sequences in one curve; the step between them is the text's, not the model's: say so."""
+    for task, spans in mixed_validation_sequences(latest.values()).items():
+        log.warning("%s: the %s loss was scored on two sets of sequences (%s): the run spans the change that spread a "
+                    "limit's sequences over the split (docs/evaluation.md), so the step between them is the text's, "
+                    "not the model's", run_dir / RESULTS_FILE, task, spans)
+
+
+def mixed_validation_sequences(rows: Iterable[dict]) -> dict[str, str]:
+    """Each validation task (validation, validation/SOURCE) whose rows were scored on more than one set of sequences
+    -> which tokens were scored on which ("first sequences at 0-256,000 tokens; spread sequences at ..."); failed
+    rows are left out."""
     marks: dict[str, dict[str, list[int]]] = {}  # task -> sequences mark ("first" for unmarked rows) -> tokens
-    for (task, _metric, tokens), row in latest.items():
-        if task == VALIDATION_TASK or task.startswith(VALIDATION_TASK + "/"):
-            marks.setdefault(task, {}).setdefault(row.get("sequences", "first"), []).append(tokens)
-    for task, by_mark in marks.items():
-        if len(by_mark) > 1:
-            spans = "; ".join(f"{mark} sequences at {_token_span(tokens)} tokens"
-                              for mark, tokens in sorted(by_mark.items()))
-            log.warning("%s: the %s loss was scored on two sets of sequences (%s): the run spans the change that "
-                        "spread a limit's sequences over the split (docs/evaluation.md), so the step between them is "
-                        "the text's, not the model's", run_dir / RESULTS_FILE, task, spans)
+    for row in rows:
+        task = row["task"]
+        if row.get("status") == "ok" and (task == VALIDATION_TASK or task.startswith(VALIDATION_TASK + "/")):
+            marks.setdefault(task, {}).setdefault(row.get("sequences", "first"), []).append(row["tokens"])
+    return {task: "; ".join(f"{mark} sequences at {_token_span(tokens)} tokens" for mark, tokens in sorted(by.items()))
+            for task, by in marks.items() if len(by) > 1}
 
 
 def _token_span(tokens: list[int]) -> str:
