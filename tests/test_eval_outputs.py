@@ -167,6 +167,23 @@ def test_a_reference_given_as_rows_is_shaded_by_its_stderr(tmp_path):
     plt.close(fig)
 
 
+def test_a_reference_far_below_a_log_perplexity_axis_is_drawn_inside_it(tmp_path):
+    """A severely pruned model's perplexity (15,000 -> 2,000) goes on a log axis; the unpruned reference at 50 must
+    widen it in decades, not by a linear margin that fell below zero and left the panel empty."""
+    run = tmp_path / "cpt"
+    for tokens, ppl in ((0, 15_000.0), (10_000, 4_000.0), (20_000, 2_000.0)):
+        append_rows(run / "results.jsonl", stamp([ok_row("wikitext2", "ppl", ppl, primary=True)], run="cpt",
+                                                 step=tokens // 1000, tokens=tokens, source="inline"))
+    reference = tmp_path / "source.jsonl"
+    append_rows(reference, stamp([ok_row("wikitext2", "ppl", 50.0, primary=True)], run="source", step=0, tokens=0,
+                                 source="evaluate"))
+    fig = curves_figure([run], reference=reference)
+    ax = _panels(fig)["wikitext2 (ppl)"]
+    low, high = ax.get_ylim()
+    assert ax.get_yscale() == "log" and 0 < low < 50 and high > 15_000 and _dashed(ax) == [50.0]
+    plt.close(fig)
+
+
 def test_a_validation_curve_spanning_the_change_to_spread_sequences_is_named(tmp_path, caplog):
     """A run resumed across the change that spread a limit's validation sequences has losses on two sets of text in
     one curve: collect says which points are which instead of drawing the step as the model's."""

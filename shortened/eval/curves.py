@@ -210,6 +210,10 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     shaded = False
     for ax, panel in zip(axes.flat, panels):
+        values = [p.value for points in curves.series[panel].values() for p in points]
+        log_axis = _is_perplexity(panel) and min(values) > 0 and max(values) / min(values) > 3
+        if log_axis:
+            ax.set_yscale("log")  # a pruned model starts at a PPL many times its final one
         for label, points in curves.series[panel].items():
             tokens = np.array([p.tokens for p in points], dtype=float)
             value = np.array([p.value for p in points], dtype=float)
@@ -225,15 +229,11 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
             if spread:
                 ax.axhspan(level - spread, level + spread, color="black", alpha=0.1, linewidth=0)
                 shaded = True
-            low, high = ax.get_ylim()  # a reference at the data's edge sat on the frame, where it cannot be seen
-            pad = 0.05 * (high - low)
-            ax.set_ylim(min(low, level - spread - pad), max(high, level + spread + pad))
+            # a reference at the data's edge sat on the frame, where it cannot be seen
+            ax.set_ylim(*_with_margin(ax.get_ylim(), level - spread, level + spread, log_axis))
         ax.set_title(f"{panel[0]} ({panel[1]})", fontsize=10)
         ax.set_xlabel("training tokens")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
-        values = [p.value for points in curves.series[panel].values() for p in points]
-        if _is_perplexity(panel) and min(values) > 0 and max(values) / min(values) > 3:
-            ax.set_yscale("log")  # a pruned model starts at a PPL many times its final one
         ax.grid(alpha=0.3)
     for ax, (label, weights) in zip(list(axes.flat)[len(panels):], curves.weights.items()):
         for source, points in weights.items():
@@ -252,6 +252,16 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None =
     # room under the panels for the legend, and above them for the note
     fig.tight_layout(rect=(0, legend_rows * LEGEND_ROW_INCHES / fig.get_figheight(), 1, 0.97 if shaded else 1))
     return fig
+
+
+def _with_margin(limits: tuple[float, float], low_level: float, high_level: float,
+                 log_axis: bool) -> tuple[float, float]:
+    """Axis limits that also hold [low_level, high_level] with 5 % of the axis to spare, measured in decades on a log
+    axis (a linear margin there went below zero under a perplexity reference far below the runs)."""
+    scale, unscale = (math.log10, lambda x: 10**x) if log_axis else (float, float)
+    low, high = map(scale, limits)
+    pad = 0.05 * (high - low)
+    return unscale(min(low, scale(low_level) - pad)), unscale(max(high, scale(high_level) + pad))
 
 
 def _figure_legend(fig: Figure, axes: Sequence[Any]) -> int:
